@@ -1,0 +1,373 @@
+//! `vmcrypt serve` settings: from the command line and an optional TOML
+//! file, flags winning over the file, checked into a [`ServeConfig`].
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::filter::FilterSpec;
+
+/// Errors in the settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("missing --{0} (or '{0}' in the config file)")]
+    Missing(&'static str),
+    #[error("--{option}: {reason}")]
+    Invalid {
+        option: &'static str,
+        reason: String,
+    },
+    #[error(transparent)]
+    Filter(#[from] crate::filter::FilterError),
+}
+
+fn invalid(option: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        option,
+        reason: reason.into(),
+    }
+}
+
+/// The options of `vmcrypt serve`, as given on the command line or in the
+/// config file (same names, in kebab-case, in the file).
+#[derive(clap::Args, Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServeOptions {
+    /// The disk image to serve (a file or block device), or `null:SIZE` for a
+    /// device that reads zeroes and drops writes (e.g. `null:1G`).
+    #[arg(long, value_name = "PATH|null:SIZE")]
+    pub image: Option<String>,
+
+    /// The unix socket QEMU connects to (`-chardev socket,path=...`).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Queues offered to the guest, one worker thread each [default: 4].
+    /// QEMU under libvirt asks for one per vCPU.
+    #[arg(long, value_name = "N")]
+    pub num_queues: Option<u16>,
+
+    /// Largest virtqueue size accepted [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub queue_size: Option<u16>,
+
+    /// Serve the disk read-only: the guest sees a read-only disk and writes fail.
+    #[arg(long)]
+    #[serde(default)]
+    pub read_only: bool,
+
+    /// Serial number the guest reads (up to 20 bytes) [default: image file name].
+    #[arg(long, value_name = "STR")]
+    pub serial: Option<String>,
+
+    /// Logical block size the guest sees, 512 or 4096 [default: 512].
+    #[arg(long, value_name = "BYTES")]
+    pub logical_block_size: Option<u32>,
+
+    /// A filter to put in the pipeline, in order: `stats`, or
+    /// `throttle:total_iops_sec=N,read_bytes_sec=N,...` (libvirt <iotune>
+    /// names; each limit also takes `<name>_burst`). Repeatable.
+    #[arg(long = "filter", value_name = "NAME[:k=v,...]")]
+    #[serde(default, rename = "filters")]
+    pub filters: Vec<String>,
+
+    /// Permissions of the socket, octal [default: 0600].
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+
+    /// Group to give the socket (e.g. libvirt-qemu's group, with --socket-mode 0660).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+
+    /// Log level: error, warn, info, debug or trace [default: info; RUST_LOG also works].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Read settings from this TOML file; flags given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+}
+
+impl ServeOptions {
+    /// Reads the config file, if any, and merges it under these options.
+    pub fn merged(self) -> Result<ServeOptions, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let file = load_file(&path)?;
+        Ok(ServeOptions {
+            image: self.image.or(file.image),
+            socket: self
+                .socket
+                .or_else(|| file.socket.map(|p| relative_to(&path, p))),
+            num_queues: self.num_queues.or(file.num_queues),
+            queue_size: self.queue_size.or(file.queue_size),
+            read_only: self.read_only || file.read_only,
+            serial: self.serial.or(file.serial),
+            logical_block_size: self.logical_block_size.or(file.logical_block_size),
+            filters: if self.filters.is_empty() {
+                file.filters
+            } else {
+                self.filters
+            },
+            socket_mode: self.socket_mode.or(file.socket_mode),
+            socket_group: self.socket_group.or(file.socket_group),
+            log_level: self.log_level.or(file.log_level),
+            config: Some(path),
+        })
+    }
+}
+
+fn load_file(path: &Path) -> Result<ServeOptions, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Paths in a config file are relative to the file's folder.
+fn relative_to(config: &Path, p: PathBuf) -> PathBuf {
+    match config.parent() {
+        Some(dir) if p.is_relative() => dir.join(p),
+        _ => p,
+    }
+}
+
+/// What to serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageSpec {
+    Null { size: u64 },
+    File(PathBuf),
+}
+
+/// Checked settings for `serve`.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub image: ImageSpec,
+    pub socket: PathBuf,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub read_only: bool,
+    pub serial: String,
+    pub block_size: u32,
+    pub filters: Vec<FilterSpec>,
+    pub socket_mode: u32,
+    pub socket_group: Option<String>,
+}
+
+impl TryFrom<ServeOptions> for ServeConfig {
+    type Error = ConfigError;
+
+    fn try_from(o: ServeOptions) -> Result<Self, ConfigError> {
+        let image = match o.image.ok_or(ConfigError::Missing("image"))? {
+            s if s.starts_with("null:") => ImageSpec::Null {
+                size: parse_size(&s["null:".len()..]).map_err(|e| invalid("image", e))?,
+            },
+            s if s.is_empty() => return Err(invalid("image", "empty path")),
+            s => ImageSpec::File(s.into()),
+        };
+        let socket = o.socket.ok_or(ConfigError::Missing("socket"))?;
+        let num_queues = o.num_queues.unwrap_or(4);
+        if !(1..=64).contains(&num_queues) {
+            return Err(invalid("num-queues", "must be between 1 and 64"));
+        }
+        let queue_size = o.queue_size.unwrap_or(1024);
+        if !(2..=32768).contains(&queue_size) || !queue_size.is_power_of_two() {
+            return Err(invalid(
+                "queue-size",
+                "must be a power of two from 2 to 32768",
+            ));
+        }
+        let block_size = o.logical_block_size.unwrap_or(512);
+        if block_size != 512 && block_size != 4096 {
+            return Err(invalid("logical-block-size", "must be 512 or 4096"));
+        }
+        if let ImageSpec::Null { size } = image {
+            if size == 0 || size % u64::from(block_size) != 0 {
+                return Err(invalid(
+                    "image",
+                    format!("null device size must be a positive multiple of {block_size}"),
+                ));
+            }
+        }
+        let serial = match o.serial {
+            Some(s) if s.len() > 20 => return Err(invalid("serial", "at most 20 bytes")),
+            Some(s) => s,
+            None => match &image {
+                ImageSpec::File(p) => {
+                    let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                    let mut name = name.unwrap_or_default();
+                    while name.len() > 20 {
+                        name.pop();
+                    }
+                    name
+                }
+                ImageSpec::Null { .. } => "vmcrypt-null".into(),
+            },
+        };
+        let socket_mode = match o.socket_mode {
+            None => 0o600,
+            Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    invalid(
+                        "socket-mode",
+                        format!("'{m}' is not an octal mode like 0660"),
+                    )
+                })?,
+        };
+        let filters = o
+            .filters
+            .iter()
+            .map(|f| f.parse::<FilterSpec>())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ServeConfig {
+            image,
+            socket,
+            num_queues,
+            queue_size,
+            read_only: o.read_only,
+            serial,
+            block_size,
+            filters,
+            socket_mode,
+            socket_group: o.socket_group,
+        })
+    }
+}
+
+/// Parses a size: bytes, or a number with K, M, G or T (powers of 1024,
+/// optionally followed by `iB` or `B`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_lowercase()
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+    {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return Err(format!("'{s}': unknown unit (use K, M, G or T)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serve.toml");
+        std::fs::write(
+            &path,
+            "image = \"null:1M\"\nsocket = \"s.sock\"\nnum-queues = 2\nread-only = true\nfilters = [\"stats\"]\nsocket-mode = \"0660\"\n",
+        )
+        .unwrap();
+        let cli = ServeOptions {
+            num_queues: Some(3),
+            config: Some(path),
+            ..Default::default()
+        };
+        let cfg = ServeConfig::try_from(cli.merged().unwrap()).unwrap();
+        assert_eq!(cfg.image, ImageSpec::Null { size: 1 << 20 });
+        assert_eq!(cfg.socket, dir.path().join("s.sock"));
+        assert_eq!(cfg.num_queues, 3);
+        assert!(cfg.read_only);
+        assert_eq!(cfg.filters.len(), 1);
+        assert_eq!(cfg.socket_mode, 0o660);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let base = || ServeOptions {
+            image: Some("null:1M".into()),
+            socket: Some("s".into()),
+            ..Default::default()
+        };
+        let err = |o: ServeOptions| ServeConfig::try_from(o).unwrap_err().to_string();
+        assert!(err(ServeOptions {
+            image: None,
+            ..base()
+        })
+        .contains("--image"));
+        assert!(err(ServeOptions {
+            num_queues: Some(0),
+            ..base()
+        })
+        .contains("num-queues"));
+        assert!(err(ServeOptions {
+            queue_size: Some(100),
+            ..base()
+        })
+        .contains("queue-size"));
+        assert!(err(ServeOptions {
+            logical_block_size: Some(1024),
+            ..base()
+        })
+        .contains("block-size"));
+        assert!(err(ServeOptions {
+            socket_mode: Some("rw".into()),
+            ..base()
+        })
+        .contains("socket-mode"));
+        assert!(err(ServeOptions {
+            image: Some("null:1000".into()),
+            ..base()
+        })
+        .contains("multiple"));
+        assert!(err(ServeOptions {
+            filters: vec!["x:y".into()],
+            ..base()
+        })
+        .contains("key=value"));
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serve.toml");
+        std::fs::write(&path, "imgae = \"x\"\n").unwrap();
+        let o = ServeOptions {
+            config: Some(path),
+            ..Default::default()
+        };
+        assert!(o.merged().unwrap_err().to_string().contains("imgae"));
+    }
+}

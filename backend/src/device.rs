@@ -1,0 +1,254 @@
+//! The vhost-user-blk device: what is negotiated with the frontend (virtio
+//! and protocol features, the config space), and the dispatch of each
+//! queue thread's events to that queue's worker.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::filter::{Filter, Pipeline};
+use crate::request::SECTOR_SHIFT;
+use crate::storage::{Image, QueueStorage, StorageError};
+use crate::worker::{DiskInfo, QueueWorker, Vring};
+use crate::GuestMemAtomic;
+
+/// Size of the config space we fill (up to and including write_zeroes_may_unmap).
+const CONFIG_LEN: usize = 60;
+
+/// Settings of the device that do not change while serving.
+#[derive(Clone, Debug)]
+pub struct DeviceSettings {
+    pub num_queues: usize,
+    pub queue_size: u16,
+    pub disk: Arc<DiskInfo>,
+}
+
+/// The device for one frontend connection; clones share it.
+#[derive(Clone)]
+pub struct BlockDevice(Arc<Inner>);
+
+struct Inner {
+    settings: DeviceSettings,
+    config: [u8; CONFIG_LEN],
+    event_idx: AtomicBool,
+    /// One worker per queue, each locked only by its queue's thread (and by
+    /// the control thread while stopping that queue).
+    workers: Vec<Mutex<QueueWorker>>,
+}
+
+impl BlockDevice {
+    /// A device with fresh queues over `image`.
+    pub fn new(
+        settings: DeviceSettings,
+        image: &Arc<Image>,
+        filters: &[Arc<dyn Filter>],
+        mem: GuestMemAtomic,
+    ) -> Result<Self, StorageError> {
+        let mut workers = Vec::with_capacity(settings.num_queues);
+        for q in 0..settings.num_queues {
+            let storage = QueueStorage::new(image, u32::from(settings.queue_size))?;
+            let worker = QueueWorker::new(
+                q,
+                settings.disk.clone(),
+                mem.clone(),
+                Pipeline::new(filters, q),
+                storage,
+            )
+            .map_err(StorageError::Uring)?;
+            workers.push(Mutex::new(worker));
+        }
+        Ok(BlockDevice(Arc::new(Inner {
+            config: config_space(&settings),
+            settings,
+            event_idx: AtomicBool::new(false),
+            workers,
+        })))
+    }
+
+    fn worker(&self, q: usize) -> MutexGuard<'_, QueueWorker> {
+        self.0.workers[q].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Event ids a queue thread uses beyond its vring's kick (which is 0).
+    fn storage_event(&self) -> u16 {
+        self.0.settings.num_queues as u16 + 1
+    }
+
+    fn timer_event(&self) -> u16 {
+        self.0.settings.num_queues as u16 + 2
+    }
+
+    /// Registers each worker's storage and timer fds with its queue thread.
+    pub fn register_fds(&self, handlers: &[Arc<VringEpollHandler<BlockDevice>>]) -> io::Result<()> {
+        for (q, h) in handlers.iter().enumerate() {
+            let w = self.worker(q);
+            if let Some(fd) = w.storage_fd() {
+                h.register_listener(fd, EventSet::IN, u64::from(self.storage_event()))?;
+            }
+            h.register_listener(w.timer_fd(), EventSet::IN, u64::from(self.timer_event()))?;
+        }
+        Ok(())
+    }
+
+    /// Stops every queue: nothing more is taken from the rings, and what was
+    /// taken is completed.
+    pub fn stop(&self) {
+        for q in 0..self.0.workers.len() {
+            if let Err(e) = self.worker(q).stop() {
+                tracing::error!(queue = q, "stopping queue: {e}");
+            }
+        }
+    }
+
+    /// Completes what every queue has taken, without stopping them.
+    pub fn drain(&self) {
+        for q in 0..self.0.workers.len() {
+            if let Err(e) = self.worker(q).drain() {
+                tracing::error!(queue = q, "draining queue: {e}");
+            }
+        }
+    }
+}
+
+/// The virtio-blk config space (virtio 1.2, 5.2.4), little endian.
+fn config_space(s: &DeviceSettings) -> [u8; CONFIG_LEN] {
+    let l = &s.disk.limits;
+    let mut c = [0u8; CONFIG_LEN];
+    let put = |c: &mut [u8; CONFIG_LEN], off: usize, bytes: &[u8]| {
+        c[off..off + bytes.len()].copy_from_slice(bytes)
+    };
+    put(&mut c, 0, &(l.capacity >> SECTOR_SHIFT).to_le_bytes());
+    put(&mut c, 8, &l.size_max.to_le_bytes());
+    put(&mut c, 12, &l.seg_max.to_le_bytes());
+    // geometry (16..20) left zero
+    put(&mut c, 20, &l.block_size.to_le_bytes());
+    // topology: physical_block_exp, alignment_offset, min_io_size, opt_io_size
+    c[24] = 0;
+    c[25] = 0;
+    put(&mut c, 26, &1u16.to_le_bytes());
+    put(&mut c, 28, &0u32.to_le_bytes());
+    c[32] = 1; // writeback
+    put(&mut c, 34, &(s.num_queues as u16).to_le_bytes());
+    let block_sectors = l.block_size >> SECTOR_SHIFT;
+    put(
+        &mut c,
+        36,
+        &((l.max_discard >> SECTOR_SHIFT) as u32).to_le_bytes(),
+    );
+    put(&mut c, 40, &1u32.to_le_bytes());
+    put(&mut c, 44, &block_sectors.to_le_bytes());
+    put(
+        &mut c,
+        48,
+        &((l.max_write_zeroes >> SECTOR_SHIFT) as u32).to_le_bytes(),
+    );
+    put(&mut c, 52, &1u32.to_le_bytes());
+    c[56] = 1; // write_zeroes_may_unmap
+    c
+}
+
+impl VhostUserBackend for BlockDevice {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.0.settings.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.0.settings.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_TOPOLOGY
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_MQ
+            | 1 << VIRTIO_BLK_F_DISCARD
+            | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.0.settings.disk.limits.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.0.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = &self.0.config;
+        let start = (offset as usize).min(c.len());
+        let end = start.saturating_add(size as usize).min(c.len());
+        let mut out = c[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
+        // The workers hold the same GuestMemoryAtomic and load the new table
+        // on their next event; in-flight requests keep the old one mapped.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.0.settings.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        match self.0.workers.get(queue_index as usize) {
+            Some(_) => self.worker(queue_index as usize).drain(),
+            None => Ok(()),
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
+        let mut w = self.worker(thread_id);
+        w.set_vring(vring);
+        match device_event {
+            0 => w.on_kick(vring, self.0.event_idx.load(Ordering::Relaxed)),
+            e if e == self.storage_event() => w.on_storage(vring),
+            e if e == self.timer_event() => w.on_timer(vring),
+            e => {
+                tracing::warn!(thread_id, event = e, "unexpected event");
+                Ok(())
+            }
+        }
+    }
+}

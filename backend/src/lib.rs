@@ -1,0 +1,25 @@
+//! vmcrypt: a vhost-user-blk backend that serves a disk image to QEMU through
+//! a pipeline of filters.
+//!
+//! The modules follow the data path of a request:
+//!
+//! 1. [`server`] owns the unix socket and accepts one frontend at a time.
+//! 2. [`device`] is the vhost-user-blk device: features, config space, queues.
+//! 3. [`worker`] runs one virtqueue: pops descriptor chains, parses them with
+//!    [`request`], passes them through the [`filter`] pipeline down to the
+//!    [`storage`] sink, and completes them back to the guest.
+
+pub mod config;
+pub mod device;
+pub mod filter;
+pub mod request;
+pub mod server;
+pub mod storage;
+pub mod worker;
+
+mod sys;
+
+/// Guest memory as mapped from the frontend's memory table.
+pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
+/// The atomically replaceable view of guest memory the vhost-user crates use.
+pub type GuestMemAtomic = vm_memory::GuestMemoryAtomic<GuestMem>;

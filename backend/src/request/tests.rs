@@ -1,0 +1,1 @@
+//! Request parsing against virtio_queue::mock.

@@ -1,0 +1,261 @@
+//! Serving: owns the socket, accepts one frontend at a time (a fresh device
+//! per connection, the image kept open across them), and handles signals.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::config::{ImageSpec, ServeConfig};
+use crate::device::{BlockDevice, DeviceSettings};
+use crate::filter::{self, Filter};
+use crate::request::{Limits, ID_BYTES};
+use crate::storage::{Image, StorageError};
+use crate::worker::DiskInfo;
+
+/// Errors that stop `serve`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Filter(#[from] filter::FilterError),
+    #[error("socket {path}: {reason}")]
+    Socket { path: PathBuf, reason: String },
+    #[error("vhost-user: {0}")]
+    VhostUser(String),
+    #[error("signal handling: {0}")]
+    Signals(io::Error),
+}
+
+fn socket_err(path: &Path, reason: impl Into<String>) -> ServeError {
+    ServeError::Socket {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Largest data segment we accept, and the most segments per request.
+const SIZE_MAX: u32 = 1 << 20;
+const SEG_MAX: u32 = 126;
+/// Largest discard (a hole punch, cheap) and write-zeroes range.
+const MAX_DISCARD: u64 = 1 << 30;
+const MAX_WRITE_ZEROES: u64 = 8 << 20;
+
+/// What the signal thread needs to shut down cleanly.
+struct Shared {
+    socket: PathBuf,
+    image: Arc<Image>,
+    filters: Vec<Arc<dyn Filter>>,
+    /// The device of the connected frontend, if any.
+    current: Mutex<Option<BlockDevice>>,
+}
+
+/// Serves `cfg` until SIGINT or SIGTERM; returns only on a start-up error.
+pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    let image = Arc::new(match &cfg.image {
+        ImageSpec::Null { size } => Image::Null { capacity: *size },
+        ImageSpec::File(path) => Image::open(path, cfg.read_only, cfg.block_size)?,
+    });
+    serve_image(cfg, image)
+}
+
+/// Serves an already opened image (the encryption layer opens its own).
+pub fn serve_image(cfg: ServeConfig, image: Arc<Image>) -> Result<(), ServeError> {
+    let filters = cfg
+        .filters
+        .iter()
+        .map(|spec| filter::build(spec, usize::from(cfg.num_queues)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut serial = [0u8; ID_BYTES];
+    serial[..cfg.serial.len()].copy_from_slice(cfg.serial.as_bytes());
+    let disk = Arc::new(DiskInfo {
+        limits: Limits {
+            capacity: image.capacity(),
+            block_size: cfg.block_size,
+            read_only: cfg.read_only,
+            seg_max: SEG_MAX,
+            size_max: SIZE_MAX,
+            max_discard: MAX_DISCARD,
+            max_write_zeroes: MAX_WRITE_ZEROES,
+        },
+        data_offset: match &*image {
+            Image::File { data_offset, .. } => *data_offset,
+            Image::Null { .. } => 0,
+        },
+        serial,
+    });
+    let settings = DeviceSettings {
+        num_queues: usize::from(cfg.num_queues),
+        queue_size: cfg.queue_size,
+        disk,
+    };
+
+    // Signals are taken by a thread of their own: block them here, before
+    // any other thread exists, so every thread inherits the mask.
+    let sigset = block_signals().map_err(ServeError::Signals)?;
+    let listener = bind_socket(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
+    let shared = Arc::new(Shared {
+        socket: cfg.socket.clone(),
+        image: image.clone(),
+        filters: filters.clone(),
+        current: Mutex::new(None),
+    });
+    {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || signal_loop(sigset, &shared))
+            .map_err(ServeError::Signals)?;
+    }
+
+    tracing::info!(
+        socket = %cfg.socket.display(),
+        capacity = image.capacity(),
+        queues = cfg.num_queues,
+        read_only = cfg.read_only,
+        filters = ?cfg.filters.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
+        "serving; waiting for a frontend"
+    );
+    let mut listener = Listener::from(listener);
+    loop {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let dev = BlockDevice::new(settings.clone(), &image, &filters, mem.clone())?;
+        let mut daemon = VhostUserDaemon::new("vmcrypt".into(), dev.clone(), mem)
+            .map_err(|e| ServeError::VhostUser(e.to_string()))?;
+        dev.register_fds(&daemon.get_epoll_handlers())
+            .map_err(|e| ServeError::VhostUser(format!("registering queue fds: {e}")))?;
+        if let Err(e) = daemon.start(&mut listener) {
+            tracing::error!("accepting a frontend: {e}");
+            continue;
+        }
+        *lock(&shared.current) = Some(dev.clone());
+        tracing::info!("frontend connected");
+        match daemon.wait() {
+            Ok(()) => tracing::info!("frontend disconnected"),
+            Err(e) => tracing::warn!("frontend connection ended: {e}"),
+        }
+        dev.drain();
+        *lock(&shared.current) = None;
+        // Dropping the daemon stops and joins the queue threads.
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Creates the listening socket with `mode`: a stale socket file is
+/// replaced, a live one (another daemon serving it) or any other file is not.
+fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, ServeError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(socket_err(
+                path,
+                "exists and is not a socket; refusing to replace it",
+            ));
+        }
+        match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(socket_err(path, "another process is serving this socket"));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(socket = %path.display(), "replacing stale socket");
+                std::fs::remove_file(path)
+                    .map_err(|e| socket_err(path, format!("removing stale socket: {e}")))?;
+            }
+            Err(e) => return Err(socket_err(path, format!("checking existing socket: {e}"))),
+        }
+    }
+    let gid = group
+        .map(|g| lookup_group(g).ok_or_else(|| socket_err(path, format!("unknown group '{g}'"))))
+        .transpose()?;
+    // Create it with no access for others, then open it up to `mode`, so it
+    // is never reachable with wider permissions than asked for.
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| socket_err(path, format!("cannot bind: {e}")))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| socket_err(path, format!("cannot set group: {e}")))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| socket_err(path, format!("cannot set mode: {e}")))?;
+    Ok(listener)
+}
+
+/// The id of a group named or numbered `g`.
+fn lookup_group(g: &str) -> Option<u32> {
+    if let Ok(gid) = g.parse() {
+        return Some(gid);
+    }
+    let name = CString::new(g).ok()?;
+    // SAFETY: getgrnam takes a NUL-terminated string and returns a pointer to
+    // static storage or null; we read one field before any other call.
+    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+    if gr.is_null() {
+        None
+    } else {
+        // SAFETY: gr is non-null and points to a valid struct group.
+        Some(unsafe { (*gr).gr_gid })
+    }
+}
+
+fn block_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and
+    // pthread_sigmask reads it. No pointers escape.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
+            libc::sigaddset(&mut set, sig);
+        }
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(set)
+    }
+}
+
+fn signal_loop(set: libc::sigset_t, shared: &Shared) {
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialised sigset and `sig` a valid out pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            continue;
+        }
+        match sig {
+            libc::SIGUSR1 => shared.filters.iter().for_each(|f| f.report()),
+            _ => shutdown(shared, sig),
+        }
+    }
+}
+
+/// SIGINT/SIGTERM: stop accepting, complete what is in flight, flush, exit 0.
+fn shutdown(shared: &Shared, sig: libc::c_int) -> ! {
+    tracing::info!(signal = sig, "shutting down: completing requests in flight");
+    let _ = std::fs::remove_file(&shared.socket);
+    if let Some(dev) = lock(&shared.current).as_ref() {
+        dev.stop();
+    }
+    let code = match shared.image.sync() {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("flushing the image: {e}");
+            1
+        }
+    };
+    shared.filters.iter().for_each(|f| f.report());
+    tracing::info!("stopped");
+    std::process::exit(code);
+}

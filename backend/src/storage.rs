@@ -1,0 +1,346 @@
+//! Storage below the filter pipeline: the image file (or a null device),
+//! driven by one io_uring per queue so a single worker thread keeps many
+//! requests in flight.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+
+use crate::request::Iov;
+use crate::sys::EventFd;
+
+/// Errors opening or using the image.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("cannot open image {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("image {path} is not a regular file or block device")]
+    NotAFile { path: PathBuf },
+    #[error("image {path} is in use by another process (it holds the image lock)")]
+    Locked { path: PathBuf },
+    #[error("image {path}: size {size} is not a multiple of the block size {block_size}")]
+    Misaligned {
+        path: PathBuf,
+        size: u64,
+        block_size: u32,
+    },
+    #[error("image {path} is empty")]
+    Empty { path: PathBuf },
+    #[error("cannot set up io_uring (kernel too old or io_uring disabled?): {0}")]
+    Uring(io::Error),
+}
+
+/// The storage a disk is served from.
+#[derive(Debug)]
+pub enum Image {
+    /// Reads return zeroes, writes are dropped.
+    Null { capacity: u64 },
+    /// A file or block device; the disk starts `data_offset` bytes in.
+    File {
+        file: File,
+        path: PathBuf,
+        data_offset: u64,
+        capacity: u64,
+    },
+}
+
+impl Image {
+    /// Opens (and locks) an image file; the whole file is the disk.
+    pub fn open(path: &Path, read_only: bool, block_size: u32) -> Result<Self, StorageError> {
+        let file = open_locked(path, read_only)?;
+        let size = file_size(&file, path)?;
+        if size == 0 {
+            return Err(StorageError::Empty { path: path.into() });
+        }
+        if size % u64::from(block_size) != 0 {
+            return Err(StorageError::Misaligned {
+                path: path.into(),
+                size,
+                block_size,
+            });
+        }
+        Ok(Image::File {
+            file,
+            path: path.into(),
+            data_offset: 0,
+            capacity: size,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        match self {
+            Image::Null { capacity } | Image::File { capacity, .. } => *capacity,
+        }
+    }
+
+    /// Makes every completed write durable.
+    pub fn sync(&self) -> io::Result<()> {
+        match self {
+            Image::Null { .. } => Ok(()),
+            Image::File { file, .. } => file.sync_data(),
+        }
+    }
+}
+
+/// Opens the image and takes an exclusive advisory lock on it, so two
+/// daemons never serve the same image.
+pub fn open_locked(path: &Path, read_only: bool) -> Result<File, StorageError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| StorageError::Open {
+            path: path.into(),
+            source,
+        })?;
+    let ft = file
+        .metadata()
+        .map_err(|source| StorageError::Open {
+            path: path.into(),
+            source,
+        })?
+        .file_type();
+    if !(ft.is_file() || ft.is_block_device()) {
+        return Err(StorageError::NotAFile { path: path.into() });
+    }
+    let op = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a valid, open file descriptor; no pointers involved.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        return Err(StorageError::Locked { path: path.into() });
+    }
+    Ok(file)
+}
+
+/// The size of a file or block device in bytes.
+pub fn file_size(file: &File, path: &Path) -> Result<u64, StorageError> {
+    use std::io::{Seek, SeekFrom};
+    let err = |source| StorageError::Open {
+        path: path.into(),
+        source,
+    };
+    let meta = file.metadata().map_err(err)?;
+    if meta.file_type().is_block_device() {
+        let mut f = file;
+        f.seek(SeekFrom::End(0)).map_err(err)
+    } else {
+        Ok(meta.len())
+    }
+}
+
+/// The storage operation for a request that reached the bottom of the pipeline.
+#[derive(Clone, Copy, Debug)]
+pub enum IoOp<'a> {
+    Read {
+        offset: u64,
+        iovs: &'a [Iov],
+    },
+    Write {
+        offset: u64,
+        iovs: &'a [Iov],
+    },
+    Flush,
+    /// fallocate(2) with `mode` over the range.
+    Fallocate {
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
+}
+
+/// One queue's access to the image.
+pub enum QueueStorage {
+    Null,
+    Uring(UringQueue),
+}
+
+/// The result of handing an operation to storage.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Submitted {
+    /// Done already, with this result (bytes or a negative errno).
+    Done(i64),
+    /// In flight: the result comes back from `reap` with the tag.
+    Queued,
+}
+
+impl QueueStorage {
+    pub fn new(image: &Arc<Image>, depth: u32) -> Result<Self, StorageError> {
+        match &**image {
+            Image::Null { .. } => Ok(QueueStorage::Null),
+            Image::File { file, .. } => Ok(QueueStorage::Uring(UringQueue::new(file, depth)?)),
+        }
+    }
+
+    /// Hands `op` to storage; `tag` identifies it in `reap`. The buffers that
+    /// `op` names must stay valid until its completion is reaped.
+    pub fn submit(&mut self, tag: u64, op: IoOp<'_>) -> Submitted {
+        match self {
+            QueueStorage::Null => Submitted::Done(null_io(op)),
+            QueueStorage::Uring(u) => u.push(tag, op),
+        }
+    }
+
+    /// Starts everything pushed so far, and waits for `wait` completions.
+    pub fn kick(&mut self, wait: usize) -> io::Result<()> {
+        match self {
+            QueueStorage::Null => Ok(()),
+            QueueStorage::Uring(u) => u.kick(wait),
+        }
+    }
+
+    /// Calls `f(tag, result)` for every completion posted so far.
+    pub fn reap(&mut self, mut f: impl FnMut(u64, i64)) {
+        if let QueueStorage::Uring(u) = self {
+            u.ring.completion().sync();
+            while let Some(cqe) = u.ring.completion().next() {
+                u.in_flight -= 1;
+                f(cqe.user_data(), i64::from(cqe.result()));
+            }
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        match self {
+            QueueStorage::Null => 0,
+            QueueStorage::Uring(u) => u.in_flight + u.pending,
+        }
+    }
+
+    /// The eventfd signalled when completions arrive (none for a null device).
+    pub fn completion_fd(&self) -> Option<&EventFd> {
+        match self {
+            QueueStorage::Null => None,
+            QueueStorage::Uring(u) => Some(&u.eventfd),
+        }
+    }
+}
+
+/// The null device: reads fill the buffers with zeroes.
+fn null_io(op: IoOp<'_>) -> i64 {
+    match op {
+        IoOp::Read { iovs, .. } => {
+            let mut n = 0;
+            for iov in iovs {
+                // SAFETY: the parser mapped each iov inside guest memory, which
+                // the request's memory snapshot keeps mapped; the guest gave
+                // these buffers to the device to write.
+                unsafe { std::ptr::write_bytes(iov.base, 0, iov.len) };
+                n += iov.len as i64;
+            }
+            n
+        }
+        IoOp::Write { iovs, .. } => iovs.iter().map(|i| i.len as i64).sum(),
+        IoOp::Flush | IoOp::Fallocate { .. } => 0,
+    }
+}
+
+/// An io_uring with the image registered as fixed file 0.
+pub struct UringQueue {
+    ring: IoUring,
+    eventfd: EventFd,
+    /// Pushed but not yet submitted to the kernel.
+    pending: usize,
+    in_flight: usize,
+}
+
+impl UringQueue {
+    fn new(file: &File, depth: u32) -> Result<Self, StorageError> {
+        let ring = IoUring::builder()
+            .setup_cqsize(depth.max(1) * 2)
+            .build(depth.max(1).next_power_of_two())
+            .map_err(StorageError::Uring)?;
+        ring.submitter()
+            .register_files(&[file.as_raw_fd()])
+            .map_err(StorageError::Uring)?;
+        let eventfd = EventFd::new().map_err(StorageError::Uring)?;
+        ring.submitter()
+            .register_eventfd(eventfd.as_raw_fd())
+            .map_err(StorageError::Uring)?;
+        Ok(UringQueue {
+            ring,
+            eventfd,
+            pending: 0,
+            in_flight: 0,
+        })
+    }
+
+    fn push(&mut self, tag: u64, op: IoOp<'_>) -> Submitted {
+        let fd = types::Fixed(0);
+        let entry = match op {
+            IoOp::Read {
+                offset,
+                iovs: [one],
+            } => opcode::Read::new(fd, one.base, one.len as u32)
+                .offset(offset)
+                .build(),
+            IoOp::Read { offset, iovs } => {
+                opcode::Readv::new(fd, iovs.as_ptr().cast(), iovs.len() as u32)
+                    .offset(offset)
+                    .build()
+            }
+            IoOp::Write {
+                offset,
+                iovs: [one],
+            } => opcode::Write::new(fd, one.base, one.len as u32)
+                .offset(offset)
+                .build(),
+            IoOp::Write { offset, iovs } => {
+                opcode::Writev::new(fd, iovs.as_ptr().cast(), iovs.len() as u32)
+                    .offset(offset)
+                    .build()
+            }
+            IoOp::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            IoOp::Fallocate { offset, len, mode } => opcode::Fallocate::new(fd, len)
+                .offset(offset)
+                .mode(mode)
+                .build(),
+        }
+        .user_data(tag);
+        loop {
+            // SAFETY: the buffers an entry names stay valid until its
+            // completion is reaped (the caller's contract on `submit`).
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.pending += 1;
+                return Submitted::Queued;
+            }
+            // The submission queue is full: start what is there and retry.
+            if let Err(e) = self.kick(0) {
+                return Submitted::Done(-i64::from(e.raw_os_error().unwrap_or(libc::EIO)));
+            }
+        }
+    }
+
+    fn kick(&mut self, wait: usize) -> io::Result<()> {
+        if self.pending == 0 && wait == 0 {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit_and_wait(wait) {
+                Ok(n) => {
+                    self.pending -= n.min(self.pending);
+                    self.in_flight += n;
+                    if self.pending == 0 || wait > 0 {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // Completion queue full: the caller reaps, then kicks again.
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

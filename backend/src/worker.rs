@@ -1,0 +1,517 @@
+//! One virtqueue's worker: takes requests from the ring, sends them down the
+//! filter pipeline to storage, and completes them back to the guest.
+//!
+//! A worker is used by its queue's thread only (and by the control thread
+//! while it drains the queue on stop or shutdown), so nothing here is shared
+//! across queues. Requests live in boxed slots whose addresses never change,
+//! which keeps the iovec arrays handed to io_uring valid while in flight.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vhost_user_backend::{VringMutex, VringState, VringT};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddressSpace};
+
+use crate::filter::{Outcome, Pipeline};
+use crate::request::{self, Iov, Limits, Op, ParseError, Request, Status, ID_BYTES};
+use crate::storage::{IoOp, QueueStorage, Submitted};
+use crate::sys::TimerFd;
+use crate::{GuestMem, GuestMemAtomic};
+
+pub type Vring = VringMutex<GuestMemAtomic>;
+
+/// A request and what the worker tracks about it while it is in flight.
+#[derive(Default)]
+struct Slot {
+    req: Request,
+    /// Keeps the guest memory this request points into mapped until it completes.
+    mem: Option<Arc<GuestMem>>,
+    /// The pipeline stage the request stands at (`pipeline.len()` once at storage).
+    stage: usize,
+    /// When a delayed request may be retried.
+    until: Option<Instant>,
+    /// Bytes storage has transferred so far.
+    done: u64,
+    /// The iovecs for the rest of a transfer after a short one, or the bounce buffer's.
+    tail: Vec<Iov>,
+    /// A write-zeroes whose zero-range fallocate was not supported, retried as a hole punch.
+    punch_fallback: bool,
+}
+
+/// What a worker knows about the disk.
+#[derive(Clone, Debug)]
+pub struct DiskInfo {
+    pub limits: Limits,
+    /// Bytes of the image before the disk's first sector.
+    pub data_offset: u64,
+    pub serial: [u8; ID_BYTES],
+}
+
+pub struct QueueWorker {
+    index: usize,
+    disk: Arc<DiskInfo>,
+    mem: GuestMemAtomic,
+    pipeline: Pipeline,
+    storage: QueueStorage,
+    timer: TimerFd,
+    slots: Vec<Box<Slot>>,
+    free: Vec<usize>,
+    deferred: VecDeque<usize>,
+    /// The vring this worker serves, known from its first event.
+    vring: Option<Vring>,
+    /// Set on shutdown: the ring is no longer read.
+    stopped: bool,
+    /// Scratch for reaped completions.
+    reaped: Vec<(usize, i64)>,
+    /// Requests were returned to the ring since the guest was last notified.
+    returned: bool,
+}
+
+impl QueueWorker {
+    pub fn new(
+        index: usize,
+        disk: Arc<DiskInfo>,
+        mem: GuestMemAtomic,
+        pipeline: Pipeline,
+        storage: QueueStorage,
+    ) -> io::Result<Self> {
+        Ok(QueueWorker {
+            index,
+            disk,
+            mem,
+            pipeline,
+            storage,
+            timer: TimerFd::new()?,
+            slots: Vec::new(),
+            free: Vec::new(),
+            deferred: VecDeque::new(),
+            vring: None,
+            stopped: false,
+            reaped: Vec::new(),
+            returned: false,
+        })
+    }
+
+    /// The fds the queue thread must also wait on: storage completions and the timer.
+    pub fn storage_fd(&self) -> Option<i32> {
+        self.storage.completion_fd().map(|e| e.as_raw_fd())
+    }
+
+    pub fn timer_fd(&self) -> i32 {
+        self.timer.as_raw_fd()
+    }
+
+    pub fn set_vring(&mut self, vring: &Vring) {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+    }
+
+    /// The guest kicked the queue: take every available request.
+    pub fn on_kick(&mut self, vring: &Vring, event_idx: bool) -> io::Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        let mem = self.mem.memory().into_inner();
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        loop {
+            if event_idx {
+                queue
+                    .disable_notification(&*mem)
+                    .map_err(io::Error::other)?;
+            }
+            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                let idx = self.alloc_slot();
+                let slot = &mut self.slots[idx];
+                match request::parse(&mem, head, chain, &self.disk.limits, &mut slot.req) {
+                    Ok(()) => {
+                        slot.mem = Some(mem.clone());
+                        slot.stage = 0;
+                        slot.done = 0;
+                        slot.punch_fallback = false;
+                        self.start(idx, 0, queue, &mem);
+                    }
+                    Err(e) => self.refuse(idx, e, queue, &mem),
+                }
+            }
+            self.kick_storage(queue, &mem);
+            if !event_idx || !queue.enable_notification(&*mem).map_err(io::Error::other)? {
+                break;
+            }
+        }
+        self.notify(&mut state)
+    }
+
+    /// Storage posted completions.
+    pub fn on_storage(&mut self, vring: &Vring) -> io::Result<()> {
+        if let Some(efd) = self.storage.completion_fd() {
+            efd.consume();
+        }
+        let mem = self.mem.memory().into_inner();
+        let mut state = vring.get_mut();
+        self.kick_storage(state.get_queue_mut(), &mem);
+        self.notify(&mut state)
+    }
+
+    /// The timer fired: retry delayed requests, in order.
+    pub fn on_timer(&mut self, vring: &Vring) -> io::Result<()> {
+        self.timer.consume();
+        self.run_deferred(vring, false)
+    }
+
+    /// Completes everything taken from the ring: delayed requests go down
+    /// without further delay, and in-flight I/O is waited for. Used before
+    /// the frontend takes the ring back and on shutdown.
+    pub fn drain(&mut self) -> io::Result<()> {
+        let Some(vring) = self.vring.clone() else {
+            return Ok(());
+        };
+        self.run_deferred(&vring, true)?;
+        let mem = self.mem.memory().into_inner();
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        while self.storage.in_flight() > 0 {
+            if let Err(e) = self.storage.kick(1) {
+                tracing::error!(queue = self.index, "waiting for storage: {e}");
+                break;
+            }
+            self.complete_reaped(queue, &mem);
+        }
+        self.notify(&mut state)
+    }
+
+    /// Stops taking requests from the ring, then drains it.
+    pub fn stop(&mut self) -> io::Result<()> {
+        self.stopped = true;
+        self.drain()
+    }
+
+    /// Tells the guest about returned requests, if any, as EVENT_IDX allows.
+    fn notify(&mut self, state: &mut VringState<GuestMemAtomic>) -> io::Result<()> {
+        if !std::mem::take(&mut self.returned) {
+            return Ok(());
+        }
+        if state.needs_notification().map_err(io::Error::other)? {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    fn alloc_slot(&mut self) -> usize {
+        if let Some(i) = self.free.pop() {
+            return i;
+        }
+        self.slots.push(Box::default());
+        self.slots.len() - 1
+    }
+
+    /// A chain that did not parse: report the status, or return it unused.
+    fn refuse(&mut self, idx: usize, e: ParseError, queue: &mut Queue, mem: &GuestMem) {
+        let head = self.slots[idx].req.head;
+        tracing::debug!(queue = self.index, head, "{e}");
+        match e {
+            ParseError::Refused { status, .. } => {
+                let addr = self.slots[idx].req.status_addr;
+                let _ = mem.write_obj(status as u8, addr);
+                let _ = queue.add_used(mem, head, 1);
+            }
+            ParseError::Broken(_) => {
+                let _ = queue.add_used(mem, head, 0);
+            }
+        }
+        self.returned = true;
+        self.free.push(idx);
+    }
+
+    /// Sends slot `idx` down the pipeline from stage `from`, then to storage.
+    fn start(&mut self, idx: usize, from: usize, queue: &mut Queue, mem: &GuestMem) {
+        let now = Instant::now();
+        let slot = &mut self.slots[idx];
+        match self.pipeline.submit(&mut slot.req, from, now, false) {
+            Outcome::ToStorage => {
+                slot.stage = self.pipeline.len();
+                self.to_storage(idx, queue, mem);
+            }
+            Outcome::Completed { stage, status } => {
+                slot.stage = stage;
+                self.finish(idx, status, queue, mem);
+            }
+            Outcome::Delayed { stage, until } => {
+                slot.stage = stage;
+                slot.until = Some(until);
+                self.deferred.push_back(idx);
+                if let Err(e) = self.timer.arm(until) {
+                    tracing::error!(queue = self.index, "cannot arm timer: {e}");
+                }
+            }
+        }
+    }
+
+    fn run_deferred(&mut self, vring: &Vring, force: bool) -> io::Result<()> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        let mem = self.mem.memory().into_inner();
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let now = Instant::now();
+        while let Some(&idx) = self.deferred.front() {
+            let slot = &mut self.slots[idx];
+            if !force && slot.until.is_some_and(|t| t > now) {
+                let t = slot.until.unwrap();
+                self.timer.arm(t)?;
+                break;
+            }
+            self.deferred.pop_front();
+            slot.until = None;
+            let from = slot.stage;
+            match self.pipeline.submit(&mut slot.req, from, now, force) {
+                Outcome::ToStorage => {
+                    slot.stage = self.pipeline.len();
+                    self.to_storage(idx, queue, &mem);
+                }
+                Outcome::Completed { stage, status } => {
+                    slot.stage = stage;
+                    self.finish(idx, status, queue, &mem);
+                }
+                Outcome::Delayed { stage, until } => {
+                    // Still waiting: keep its place at the front.
+                    slot.stage = stage;
+                    slot.until = Some(until);
+                    self.deferred.push_front(idx);
+                    self.timer.arm(until)?;
+                    break;
+                }
+            }
+        }
+        self.kick_storage(queue, &mem);
+        self.notify(&mut state)
+    }
+
+    /// Hands slot `idx` (or the rest of it, after a short transfer) to storage.
+    fn to_storage(&mut self, idx: usize, queue: &mut Queue, mem: &GuestMem) {
+        let base = self.disk.data_offset;
+        let slot = &mut *self.slots[idx];
+        let req = &mut slot.req;
+        let result = match req.op {
+            Op::GetId => {
+                let n = write_id(&req.iovs, &self.disk.serial);
+                req.written = n as u32;
+                Submitted::Done(n as i64)
+            }
+            Op::Read | Op::Write => {
+                let iovs: &[Iov] =
+                    if let Some(b) = req.bounce.as_mut().filter(|_| req.op == Op::Write) {
+                        let done = slot.done as usize;
+                        slot.tail.clear();
+                        slot.tail.push(Iov {
+                            // SAFETY: done < bounce length, so the pointer stays inside the buffer.
+                            base: unsafe { b.0.as_mut_ptr().add(done) },
+                            len: b.0.len() - done,
+                        });
+                        &slot.tail
+                    } else if slot.done == 0 {
+                        &req.iovs
+                    } else {
+                        advance(&req.iovs, slot.done, &mut slot.tail);
+                        &slot.tail
+                    };
+                let offset = base + req.offset + slot.done;
+                let op = if req.op == Op::Read {
+                    IoOp::Read { offset, iovs }
+                } else {
+                    IoOp::Write { offset, iovs }
+                };
+                self.storage.submit(idx as u64, op)
+            }
+            Op::Flush => self.storage.submit(idx as u64, IoOp::Flush),
+            Op::Discard | Op::WriteZeroes { .. } => {
+                let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let mode = match req.op {
+                    Op::WriteZeroes { unmap: false } if !slot.punch_fallback => {
+                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                    }
+                    _ => punch,
+                };
+                self.storage.submit(
+                    idx as u64,
+                    IoOp::Fallocate {
+                        offset: base + req.offset,
+                        len: req.len,
+                        mode,
+                    },
+                )
+            }
+        };
+        if let Submitted::Done(res) = result {
+            self.on_result(idx, res, queue, mem);
+        }
+    }
+
+    /// Submits what was pushed and completes whatever storage has finished.
+    fn kick_storage(&mut self, queue: &mut Queue, mem: &GuestMem) {
+        if let Err(e) = self.storage.kick(0) {
+            tracing::error!(queue = self.index, "io_uring submit failed: {e}");
+        }
+        self.complete_reaped(queue, mem);
+    }
+
+    fn complete_reaped(&mut self, queue: &mut Queue, mem: &GuestMem) {
+        loop {
+            let mut reaped = std::mem::take(&mut self.reaped);
+            self.storage
+                .reap(|tag, res| reaped.push((tag as usize, res)));
+            if reaped.is_empty() {
+                self.reaped = reaped;
+                return;
+            }
+            for &(idx, res) in &reaped {
+                self.on_result(idx, res, queue, mem);
+            }
+            reaped.clear();
+            self.reaped = reaped;
+            // Completions may have queued continuations: start them.
+            if let Err(e) = self.storage.kick(0) {
+                tracing::error!(queue = self.index, "io_uring submit failed: {e}");
+                return;
+            }
+        }
+    }
+
+    /// Storage finished (part of) slot `idx` with `res` (bytes or -errno).
+    fn on_result(&mut self, idx: usize, res: i64, queue: &mut Queue, mem: &GuestMem) {
+        let slot = &mut *self.slots[idx];
+        let req = &slot.req;
+        let status = match req.op {
+            Op::Read | Op::Write if res > 0 => {
+                slot.done += res as u64;
+                let total = match (&req.bounce, req.op) {
+                    (Some(b), Op::Write) => b.0.len() as u64,
+                    _ => req.len,
+                };
+                if slot.done < total {
+                    // Short transfer: continue with the rest.
+                    self.to_storage(idx, queue, mem);
+                    return;
+                }
+                if req.op == Op::Read {
+                    slot.req.written = req.len as u32;
+                }
+                Status::Ok
+            }
+            Op::Read | Op::Write => {
+                let what = if res == 0 {
+                    "unexpected end of image".to_string()
+                } else {
+                    io::Error::from_raw_os_error(-res as i32).to_string()
+                };
+                tracing::warn!(queue = self.index, op = ?req.op, offset = req.offset, len = req.len, "I/O error: {what}");
+                Status::IoErr
+            }
+            Op::WriteZeroes { unmap: false }
+                if res == -i64::from(libc::EOPNOTSUPP) && !slot.punch_fallback =>
+            {
+                slot.punch_fallback = true;
+                self.to_storage(idx, queue, mem);
+                return;
+            }
+            _ if res < 0 => {
+                let e = io::Error::from_raw_os_error(-res as i32);
+                tracing::warn!(queue = self.index, op = ?req.op, offset = req.offset, len = req.len, "I/O error: {e}");
+                Status::IoErr
+            }
+            _ => Status::Ok,
+        };
+        self.finish(idx, status, queue, mem);
+    }
+
+    /// Runs the completion up the pipeline, writes the status, returns the chain.
+    fn finish(&mut self, idx: usize, status: Status, queue: &mut Queue, mem: &GuestMem) {
+        let slot = &mut *self.slots[idx];
+        let status = self.pipeline.complete(&mut slot.req, slot.stage, status);
+        let req = &slot.req;
+        let written = if status == Status::Ok { req.written } else { 0 };
+        if mem.write_obj(status as u8, req.status_addr).is_err() {
+            tracing::warn!(queue = self.index, "status byte no longer in guest memory");
+        }
+        if let Err(e) = queue.add_used(mem, req.head, written + 1) {
+            tracing::warn!(
+                queue = self.index,
+                "cannot return a request to the ring: {e}"
+            );
+        }
+        slot.mem = None;
+        slot.req.bounce = None;
+        self.returned = true;
+        self.free.push(idx);
+    }
+}
+
+/// Writes the serial number into the GET_ID buffers; returns the bytes written.
+fn write_id(iovs: &[Iov], serial: &[u8; ID_BYTES]) -> usize {
+    let mut src = &serial[..];
+    let mut n = 0;
+    for iov in iovs {
+        let k = iov.len.min(src.len());
+        // SAFETY: the iov lies in guest memory that the request keeps mapped,
+        // and is a device-writable buffer of at least `iov.len` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), iov.base, k) };
+        n += k;
+        src = &src[k..];
+        if src.is_empty() {
+            break;
+        }
+    }
+    n
+}
+
+/// Fills `out` with the part of `iovs` past the first `skip` bytes.
+fn advance(iovs: &[Iov], mut skip: u64, out: &mut Vec<Iov>) {
+    out.clear();
+    for iov in iovs {
+        if skip >= iov.len as u64 {
+            skip -= iov.len as u64;
+            continue;
+        }
+        out.push(Iov {
+            // SAFETY: skip < iov.len, so the pointer stays inside the buffer.
+            base: unsafe { iov.base.add(skip as usize) },
+            len: iov.len - skip as usize,
+        });
+        skip = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_skips_whole_and_partial_segments() {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        let iovs = [
+            Iov {
+                base: a.as_mut_ptr(),
+                len: 8,
+            },
+            Iov {
+                base: b.as_mut_ptr(),
+                len: 8,
+            },
+        ];
+        let mut out = Vec::new();
+        advance(&iovs, 11, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len, 5);
+        assert_eq!(out[0].base, b.as_mut_ptr().wrapping_add(3));
+        advance(&iovs, 0, &mut out);
+        assert_eq!(out.len(), 2);
+    }
+}

@@ -1,0 +1,169 @@
+//! Helpers shared by the integration tests: start the real `vmcrypt`
+//! binary and drive its socket with libblkio as the vhost-user frontend.
+#![allow(dead_code)]
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vmcrypt");
+
+/// A running `vmcrypt serve`, killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `vmcrypt serve --socket SOCK ARGS...` and waits for the socket.
+    pub fn start(dir: &Path, name: &str, args: &[&str]) -> Daemon {
+        let socket = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(BIN)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn vmcrypt");
+        let mut d = Daemon { child, socket, log };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(m) = std::fs::metadata(&self.socket) {
+                if m.file_type().is_socket() {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("vmcrypt exited with {status}: {}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "socket never appeared: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "vmcrypt did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A libblkio vhost-user-blk frontend with one buffer region.
+pub struct Frontend {
+    pub blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+    pub capacity: u64,
+}
+
+impl Frontend {
+    pub fn connect(socket: &Path, num_queues: i32, buf_len: usize) -> Frontend {
+        let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
+        b.set_str("path", socket.to_str().unwrap()).unwrap();
+        b.connect().expect("connect");
+        b.set_i32("num-queues", num_queues).unwrap();
+        let out = b.start().expect("start");
+        let capacity = b.get_u64("capacity").unwrap();
+        let len = buf_len.next_multiple_of(2 << 20);
+        let region = b.alloc_mem_region(len).unwrap();
+        b.map_mem_region(&region).unwrap();
+        Frontend {
+            blkio: b,
+            queues: out.queues,
+            region,
+            capacity,
+        }
+    }
+
+    pub fn buf(&mut self, off: usize, len: usize) -> &mut [u8] {
+        assert!(off + len <= self.region.len);
+        // SAFETY: the region is a private mapping of region.len bytes owned by this frontend.
+        unsafe { std::slice::from_raw_parts_mut((self.region.addr + off) as *mut u8, len) }
+    }
+
+    pub fn ptr(&self, off: usize) -> *mut u8 {
+        (self.region.addr + off) as *mut u8
+    }
+
+    /// Waits for exactly one completion on queue `q`; returns its result.
+    pub fn wait(&mut self, q: usize) -> i32 {
+        let mut c = [std::mem::MaybeUninit::<Completion>::uninit()];
+        let mut timeout = Duration::from_secs(30);
+        let n = self.queues[q]
+            .do_io(&mut c, 1, Some(&mut timeout), None)
+            .expect("do_io");
+        assert_eq!(n, 1, "no completion within 30 s");
+        // SAFETY: do_io initialised the first n completions.
+        unsafe { c[0].assume_init_read() }.ret
+    }
+
+    pub fn read(&mut self, q: usize, offset: u64, buf_off: usize, len: usize) -> i32 {
+        let p = self.ptr(buf_off);
+        self.queues[q].read(offset, p, len, 0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    pub fn write(&mut self, q: usize, offset: u64, buf_off: usize, len: usize) -> i32 {
+        let p = self.ptr(buf_off);
+        self.queues[q].write(offset, p, len, 0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    pub fn flush(&mut self, q: usize) -> i32 {
+        self.queues[q].flush(0, ReqFlags::empty());
+        self.wait(q)
+    }
+}
+
+/// A deterministic pattern for `len` bytes, distinct per `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
