@@ -352,7 +352,7 @@ pub fn parse(
 /// Checks that `len` bytes from `sector` are whole logical blocks inside the disk.
 fn check_range(sector: u64, len: u64, limits: &Limits) -> Result<(), ParseError> {
     let bs = u64::from(limits.block_size);
-    if len % bs != 0 {
+    if !len.is_multiple_of(bs) {
         return Err(refuse(
             Status::IoErr,
             "length is not a multiple of the block size",
@@ -361,7 +361,7 @@ fn check_range(sector: u64, len: u64, limits: &Limits) -> Result<(), ParseError>
     let offset = sector
         .checked_mul(SECTOR_SIZE)
         .ok_or(refuse(Status::IoErr, "sector out of range"))?;
-    if offset % bs != 0 {
+    if !offset.is_multiple_of(bs) {
         return Err(refuse(
             Status::IoErr,
             "offset is not aligned to the block size",

@@ -138,7 +138,10 @@ pub fn serve_image(cfg: ServeConfig, image: Arc<Image>) -> Result<(), ServeError
         *lock(&shared.current) = Some(dev.clone());
         tracing::info!("frontend connected");
         match daemon.wait() {
-            Ok(()) => tracing::info!("frontend disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => tracing::info!("frontend disconnected"),
             Err(e) => tracing::warn!("frontend connection ended: {e}"),
         }
         dev.drain();
@@ -255,6 +258,10 @@ fn shutdown(shared: &Shared, sig: libc::c_int) -> ! {
             1
         }
     };
+    // Release the image lock now: the kernel drops io_uring's references to
+    // the file only some time after exit, and a restarted daemon must not
+    // find the image still locked.
+    shared.image.unlock();
     shared.filters.iter().for_each(|f| f.report());
     tracing::info!("stopped");
     std::process::exit(code);

@@ -78,6 +78,14 @@ impl Image {
         }
     }
 
+    /// Drops the image lock (on the way out).
+    pub fn unlock(&self) {
+        if let Image::File { file, .. } = self {
+            // SAFETY: flock on a valid, open file descriptor.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
+
     /// Makes every completed write durable.
     pub fn sync(&self) -> io::Result<()> {
         match self {
@@ -114,11 +122,19 @@ pub fn open_locked(path: &Path, read_only: bool) -> Result<File, StorageError> {
     } else {
         libc::LOCK_EX
     };
-    // SAFETY: flock on a valid, open file descriptor; no pointers involved.
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-        return Err(StorageError::Locked { path: path.into() });
+    // A daemon that just exited may hold the lock a little longer (its
+    // io_uring releases the file asynchronously): retry for a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        // SAFETY: flock on a valid, open file descriptor; no pointers involved.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(StorageError::Locked { path: path.into() });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    Ok(file)
 }
 
 /// The size of a file or block device in bytes.
@@ -160,7 +176,7 @@ pub enum IoOp<'a> {
 /// One queue's access to the image.
 pub enum QueueStorage {
     Null,
-    Uring(UringQueue),
+    Uring(Box<UringQueue>),
 }
 
 /// The result of handing an operation to storage.
@@ -176,7 +192,9 @@ impl QueueStorage {
     pub fn new(image: &Arc<Image>, depth: u32) -> Result<Self, StorageError> {
         match &**image {
             Image::Null { .. } => Ok(QueueStorage::Null),
-            Image::File { file, .. } => Ok(QueueStorage::Uring(UringQueue::new(file, depth)?)),
+            Image::File { file, .. } => {
+                Ok(QueueStorage::Uring(Box::new(UringQueue::new(file, depth)?)))
+            }
         }
     }
 

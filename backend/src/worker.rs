@@ -3,8 +3,9 @@
 //!
 //! A worker is used by its queue's thread only (and by the control thread
 //! while it drains the queue on stop or shutdown), so nothing here is shared
-//! across queues. Requests live in boxed slots whose addresses never change,
-//! which keeps the iovec arrays handed to io_uring valid while in flight.
+//! across queues. A slot's iovec arrays and bounce buffer live on the heap
+//! and are not touched while the request is in flight, so the addresses
+//! handed to io_uring stay valid until its completion.
 
 use std::collections::VecDeque;
 use std::io;
@@ -58,7 +59,7 @@ pub struct QueueWorker {
     pipeline: Pipeline,
     storage: QueueStorage,
     timer: TimerFd,
-    slots: Vec<Box<Slot>>,
+    slots: Vec<Slot>,
     free: Vec<usize>,
     deferred: VecDeque<usize>,
     /// The vring this worker serves, known from its first event.
@@ -207,7 +208,7 @@ impl QueueWorker {
         if let Some(i) = self.free.pop() {
             return i;
         }
-        self.slots.push(Box::default());
+        self.slots.push(Slot::default());
         self.slots.len() - 1
     }
 
@@ -236,7 +237,7 @@ impl QueueWorker {
         match self.pipeline.submit(&mut slot.req, from, now, false) {
             Outcome::ToStorage => {
                 slot.stage = self.pipeline.len();
-                self.to_storage(idx, queue, mem);
+                self.submit_to_storage(idx, queue, mem);
             }
             Outcome::Completed { stage, status } => {
                 slot.stage = stage;
@@ -274,7 +275,7 @@ impl QueueWorker {
             match self.pipeline.submit(&mut slot.req, from, now, force) {
                 Outcome::ToStorage => {
                     slot.stage = self.pipeline.len();
-                    self.to_storage(idx, queue, &mem);
+                    self.submit_to_storage(idx, queue, &mem);
                 }
                 Outcome::Completed { stage, status } => {
                     slot.stage = stage;
@@ -295,9 +296,9 @@ impl QueueWorker {
     }
 
     /// Hands slot `idx` (or the rest of it, after a short transfer) to storage.
-    fn to_storage(&mut self, idx: usize, queue: &mut Queue, mem: &GuestMem) {
+    fn submit_to_storage(&mut self, idx: usize, queue: &mut Queue, mem: &GuestMem) {
         let base = self.disk.data_offset;
-        let slot = &mut *self.slots[idx];
+        let slot = &mut self.slots[idx];
         let req = &mut slot.req;
         let result = match req.op {
             Op::GetId => {
@@ -386,7 +387,7 @@ impl QueueWorker {
 
     /// Storage finished (part of) slot `idx` with `res` (bytes or -errno).
     fn on_result(&mut self, idx: usize, res: i64, queue: &mut Queue, mem: &GuestMem) {
-        let slot = &mut *self.slots[idx];
+        let slot = &mut self.slots[idx];
         let req = &slot.req;
         let status = match req.op {
             Op::Read | Op::Write if res > 0 => {
@@ -397,7 +398,7 @@ impl QueueWorker {
                 };
                 if slot.done < total {
                     // Short transfer: continue with the rest.
-                    self.to_storage(idx, queue, mem);
+                    self.submit_to_storage(idx, queue, mem);
                     return;
                 }
                 if req.op == Op::Read {
@@ -418,7 +419,7 @@ impl QueueWorker {
                 if res == -i64::from(libc::EOPNOTSUPP) && !slot.punch_fallback =>
             {
                 slot.punch_fallback = true;
-                self.to_storage(idx, queue, mem);
+                self.submit_to_storage(idx, queue, mem);
                 return;
             }
             _ if res < 0 => {
@@ -433,7 +434,7 @@ impl QueueWorker {
 
     /// Runs the completion up the pipeline, writes the status, returns the chain.
     fn finish(&mut self, idx: usize, status: Status, queue: &mut Queue, mem: &GuestMem) {
-        let slot = &mut *self.slots[idx];
+        let slot = &mut self.slots[idx];
         let status = self.pipeline.complete(&mut slot.req, slot.stage, status);
         let req = &slot.req;
         let written = if status == Status::Ok { req.written } else { 0 };

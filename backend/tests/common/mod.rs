@@ -41,10 +41,9 @@ impl Daemon {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(m) = std::fs::metadata(&self.socket) {
-                if m.file_type().is_socket() {
-                    return;
-                }
+            let ready = std::fs::metadata(&self.socket).is_ok_and(|m| m.file_type().is_socket());
+            if ready && self.log_text().contains("waiting for a frontend") {
+                return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("vmcrypt exited with {status}: {}", self.log_text());
@@ -98,8 +97,18 @@ pub struct Frontend {
 
 impl Frontend {
     pub fn connect(socket: &Path, num_queues: i32, buf_len: usize) -> Frontend {
+        Self::connect_with(socket, num_queues, buf_len, false)
+    }
+
+    pub fn connect_with(
+        socket: &Path,
+        num_queues: i32,
+        buf_len: usize,
+        read_only: bool,
+    ) -> Frontend {
         let mut b = Blkio::new("virtio-blk-vhost-user").unwrap();
         b.set_str("path", socket.to_str().unwrap()).unwrap();
+        b.set_bool("read-only", read_only).unwrap();
         b.connect().expect("connect");
         b.set_i32("num-queues", num_queues).unwrap();
         let out = b.start().expect("start");

@@ -1,0 +1,532 @@
+//! `vmcrypt serve` driven as QEMU would drive it, with libblkio as the
+//! vhost-user-blk frontend.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blkio::{Completion, ReqFlags};
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+fn raw_image(dir: &std::path::Path, size: u64) -> std::path::PathBuf {
+    let img = dir.join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(size).unwrap();
+    img
+}
+
+fn serve_raw(dir: &std::path::Path, size: u64, extra: &[&str]) -> (Daemon, std::path::PathBuf) {
+    let img = raw_image(dir, size);
+    let mut args = vec!["--image", img.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    (Daemon::start(dir, "vmcrypt", &args), img)
+}
+
+#[test]
+fn write_then_read_back_with_multi_segment_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, img) = serve_raw(dir.path(), 16 * MIB, &[]);
+    let mut f = Frontend::connect(&d.socket, 1, 4 * MIB as usize);
+    assert_eq!(f.capacity, 16 * MIB);
+
+    // A writev of three segments of different sizes, a readv of two.
+    let data = pattern(7, 12288);
+    f.buf(0, 12288).copy_from_slice(&data);
+    let iov = |base: *mut u8, len| libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
+    };
+    let w = [
+        iov(f.ptr(0), 512),
+        iov(f.ptr(512), 7680),
+        iov(f.ptr(8192), 4096),
+    ];
+    f.queues[0].writev(MIB, w.as_ptr(), 3, 0, ReqFlags::empty());
+    assert_eq!(f.wait(0), 0);
+    let r = [
+        iov(f.ptr(MIB as usize), 4096),
+        iov(f.ptr(2 * MIB as usize), 8192),
+    ];
+    f.queues[0].readv(MIB, r.as_ptr(), 2, 0, ReqFlags::empty());
+    assert_eq!(f.wait(0), 0);
+    assert_eq!(f.buf(MIB as usize, 4096), &data[..4096]);
+    assert_eq!(f.buf(2 * MIB as usize, 8192), &data[4096..]);
+    drop(f);
+
+    // The image holds the data at the same offset.
+    let on_disk = std::fs::read(&img).unwrap();
+    assert_eq!(&on_disk[MIB as usize..MIB as usize + 12288], &data[..]);
+}
+
+#[test]
+fn first_and_last_sector() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let (d, _) = serve_raw(dir.path(), size, &[]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    for (seed, off) in [(1, 0), (2, size - 512)] {
+        f.buf(0, 512).copy_from_slice(&pattern(seed, 512));
+        assert_eq!(f.write(0, off, 0, 512), 0);
+        f.buf(4096, 512).fill(0);
+        assert_eq!(f.read(0, off, 4096, 512), 0);
+        assert_eq!(f.buf(4096, 512), &pattern(seed, 512)[..]);
+    }
+}
+
+#[test]
+fn flush_discard_and_write_zeroes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, img) = serve_raw(dir.path(), 8 * MIB, &[]);
+    let mut f = Frontend::connect(&d.socket, 1, 2 * MIB as usize);
+    f.buf(0, MIB as usize)
+        .copy_from_slice(&pattern(3, MIB as usize));
+    assert_eq!(f.write(0, 0, 0, MIB as usize), 0);
+    assert_eq!(f.write(0, 2 * MIB, 0, MIB as usize), 0);
+    assert_eq!(f.flush(0), 0);
+
+    // Write-zeroes (plain and with UNMAP) reads back zeroes.
+    f.queues[0].write_zeroes(4096, 65536, 0, ReqFlags::NO_UNMAP);
+    assert_eq!(f.wait(0), 0);
+    f.queues[0].write_zeroes(2 * MIB + 8192, 16384, 0, ReqFlags::empty());
+    assert_eq!(f.wait(0), 0);
+    assert_eq!(f.read(0, 0, MIB as usize, 128 << 10), 0);
+    let back = f.buf(MIB as usize, 128 << 10).to_vec();
+    let orig = pattern(3, MIB as usize);
+    assert_eq!(&back[..4096], &orig[..4096]);
+    assert!(back[4096..4096 + 65536].iter().all(|&b| b == 0));
+    assert_eq!(&back[69632..], &orig[69632..128 << 10]);
+    assert_eq!(f.read(0, 2 * MIB + 8192, MIB as usize, 16384), 0);
+    assert!(f.buf(MIB as usize, 16384).iter().all(|&b| b == 0));
+
+    // Discard punches a hole: a raw image reads zeroes there, and frees space.
+    let blocks_before = std::fs::metadata(&img)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
+        .unwrap();
+    f.queues[0].discard(0, MIB, 0, ReqFlags::empty());
+    assert_eq!(f.wait(0), 0);
+    assert_eq!(f.read(0, 0, 0, 4096), 0);
+    assert!(f.buf(0, 4096).iter().all(|&b| b == 0));
+    let blocks_after = std::fs::metadata(&img)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))
+        .unwrap();
+    assert!(
+        blocks_after < blocks_before,
+        "{blocks_after} < {blocks_before}"
+    );
+}
+
+#[test]
+fn read_only_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 4 * MIB);
+    std::fs::write(&img, pattern(9, 4 * MIB as usize)).unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        "ro",
+        &["--image", img.to_str().unwrap(), "--read-only"],
+    );
+    // A frontend that does not accept read-only cannot start on this disk.
+    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").unwrap();
+    b.set_str("path", d.socket.to_str().unwrap()).unwrap();
+    b.connect().unwrap();
+    assert!(b.start().is_err(), "RO feature not offered");
+    drop(b);
+    let mut f = Frontend::connect_with(&d.socket, 1, MIB as usize, true);
+    assert!(f.write(0, 0, 0, 4096) < 0);
+    f.queues[0].discard(0, 4096, 0, ReqFlags::empty());
+    assert!(f.wait(0) < 0);
+    assert_eq!(f.read(0, 0, 0, 4096), 0);
+    assert_eq!(f.buf(0, 4096), &pattern(9, 4 * MIB as usize)[..4096]);
+    assert_eq!(f.flush(0), 0);
+    drop(f);
+    assert_eq!(std::fs::read(&img).unwrap(), pattern(9, 4 * MIB as usize));
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_daemon_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let (d, img) = serve_raw(dir.path(), size, &[]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    f.buf(0, 8192).copy_from_slice(&pattern(5, 8192));
+    // Beyond the end, straddling the end, far beyond (sector overflow).
+    assert!(f.read(0, size, 0, 512) < 0);
+    assert!(f.write(0, size - 512, 0, 1024) < 0);
+    assert!(f.read(0, u64::MAX - 511, 0, 512) < 0);
+    // Length not a multiple of 512.
+    assert!(f.write(0, 0, 0, 100) < 0);
+    assert!(f.read(0, 0, 0, 700) < 0);
+    // Ranges past the end.
+    f.queues[0].discard(size - 4096, 8192, 0, ReqFlags::empty());
+    assert!(f.wait(0) < 0);
+    f.queues[0].write_zeroes(size, 4096, 0, ReqFlags::empty());
+    assert!(f.wait(0) < 0);
+    // Nothing was written, and the daemon still serves.
+    assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
+    assert_eq!(f.write(0, 0, 0, 8192), 0);
+    assert_eq!(f.read(0, 0, 16384, 8192), 0);
+    assert_eq!(f.buf(16384, 8192), &pattern(5, 8192)[..]);
+}
+
+#[test]
+fn two_queues_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _) = serve_raw(dir.path(), 64 * MIB, &["--num-queues", "2"]);
+    let f = Frontend::connect(&d.socket, 2, 4 * MIB as usize);
+    assert_eq!(f.queues.len(), 2);
+    let Frontend {
+        blkio,
+        queues,
+        region,
+        ..
+    } = f;
+    let handles: Vec<_> = queues
+        .into_iter()
+        .enumerate()
+        .map(|(qi, mut q)| {
+            let base = region.addr + qi * 2 * MIB as usize;
+            std::thread::spawn(move || {
+                // Each queue writes and reads back its own 32 MiB half, 64 KiB at a time.
+                let buf = base as *mut u8;
+                let chunk = 64 << 10;
+                for i in 0..64u64 {
+                    let off = qi as u64 * 32 * MIB + i * chunk as u64;
+                    let data = pattern(off, chunk);
+                    // SAFETY: each thread uses its own 2 MiB of the mapped region.
+                    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf, chunk) };
+                    q.write(off, buf, chunk, 0, ReqFlags::empty());
+                    assert_eq!(wait_one(&mut q), 0);
+                    // SAFETY: as above, the second MiB of this thread's area.
+                    let rbuf = unsafe { buf.add(MIB as usize) };
+                    q.read(off, rbuf, chunk, 0, ReqFlags::empty());
+                    assert_eq!(wait_one(&mut q), 0);
+                    // SAFETY: as above.
+                    let back = unsafe { std::slice::from_raw_parts(rbuf, chunk) };
+                    assert_eq!(back, &data[..], "queue {qi} offset {off}");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    drop(blkio);
+}
+
+fn wait_one(q: &mut blkio::Blkioq) -> i32 {
+    let mut c = [std::mem::MaybeUninit::<Completion>::uninit()];
+    let mut t = Duration::from_secs(30);
+    assert_eq!(q.do_io(&mut c, 1, Some(&mut t), None).unwrap(), 1);
+    // SAFETY: do_io initialised one completion.
+    unsafe { c[0].assume_init_read() }.ret
+}
+
+#[test]
+fn reconnect_keeps_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _) = serve_raw(dir.path(), 8 * MIB, &["--num-queues", "2"]);
+    for round in 0..3u64 {
+        let mut f = Frontend::connect(&d.socket, 2, MIB as usize);
+        if round > 0 {
+            assert_eq!(f.read(1, (round - 1) * 65536, 0, 65536), 0);
+            assert_eq!(
+                f.buf(0, 65536),
+                &pattern(round - 1, 65536)[..],
+                "round {round}"
+            );
+        }
+        f.buf(0, 65536).copy_from_slice(&pattern(round, 65536));
+        assert_eq!(f.write(0, round * 65536, 0, 65536), 0);
+        drop(f);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let log = d.log_text();
+    assert_eq!(log.matches("frontend connected").count(), 3, "{log}");
+    eprintln!("{log}");
+}
+
+#[test]
+fn sigterm_completes_writes_in_flight_and_restart_finds_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 64 * MIB);
+    let args = ["--image", img.to_str().unwrap()];
+    let d = Daemon::start(dir.path(), "a", &args);
+    let mut f = Frontend::connect(&d.socket, 1, 8 * MIB as usize);
+    let chunk = 64 << 10;
+    let slots = 32;
+    for s in 0..slots {
+        f.buf(s * chunk, chunk)
+            .copy_from_slice(&pattern(s as u64, chunk));
+    }
+    // Keep 32 writes in flight, cycling over 1024 chunks of the disk (chunk i
+    // always gets pattern i % 32), and send SIGTERM while they run.
+    let mut done: Vec<u64> = Vec::new();
+    let mut next = 0u64;
+    let mut in_flight = 0;
+    let started = Instant::now();
+    let mut signalled = false;
+    let mut comps: Vec<std::mem::MaybeUninit<Completion>> =
+        (0..64).map(|_| std::mem::MaybeUninit::uninit()).collect();
+    loop {
+        while in_flight < slots {
+            let chunk_idx = next % 1024;
+            let p = f.ptr((chunk_idx % slots as u64) as usize * chunk);
+            f.queues[0].write(
+                chunk_idx * chunk as u64,
+                p,
+                chunk,
+                chunk_idx as usize,
+                ReqFlags::empty(),
+            );
+            next += 1;
+            in_flight += 1;
+        }
+        if !signalled && started.elapsed() > Duration::from_millis(300) {
+            d.signal(libc::SIGTERM);
+            signalled = true;
+        }
+        let mut t = Duration::from_millis(500);
+        let n = f.queues[0]
+            .do_io(&mut comps, 1, Some(&mut t), None)
+            .unwrap_or(0);
+        if n == 0 {
+            assert!(signalled, "writes stalled before SIGTERM");
+            break; // the daemon stopped taking requests
+        }
+        for c in &comps[..n] {
+            // SAFETY: do_io initialised the first n completions.
+            let c = unsafe { c.assume_init_read() };
+            assert_eq!(c.ret, 0);
+            done.push(c.user_data as u64);
+            in_flight -= 1;
+        }
+    }
+    drop(f);
+    let log = d.log_text();
+    let status = d.terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(log.contains("shutting down"), "{log}");
+    eprintln!("{} writes completed, {} submitted", done.len(), next);
+    assert!(
+        done.len() as u64 > 1024,
+        "SIGTERM came before the disk was written once"
+    );
+    done.sort_unstable();
+    done.dedup();
+
+    // Restart: every completed write is there.
+    let d = Daemon::start(dir.path(), "b", &args);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    for &w in &done {
+        assert_eq!(f.read(0, w * chunk as u64, 0, chunk), 0);
+        assert_eq!(
+            f.buf(0, chunk),
+            &pattern(w % slots as u64, chunk)[..],
+            "chunk {w}"
+        );
+    }
+}
+
+#[test]
+fn throttle_holds_the_iops_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 400.0;
+    let (d, _) = serve_raw(
+        dir.path(),
+        16 * MIB,
+        &[
+            "--filter",
+            "throttle:total_iops_sec=400",
+            "--filter",
+            "stats",
+        ],
+    );
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    // Warm up past the initial burst, then measure with 8 requests in flight.
+    let run = |f: &mut Frontend, dur: Duration| {
+        let mut comps: Vec<std::mem::MaybeUninit<Completion>> =
+            (0..8).map(|_| std::mem::MaybeUninit::uninit()).collect();
+        for i in 0..8u64 {
+            let p = f.ptr(i as usize * 4096);
+            f.queues[0].read(i * 4096, p, 4096, i as usize, ReqFlags::empty());
+        }
+        let start = Instant::now();
+        let mut n_done = 0u64;
+        while start.elapsed() < dur {
+            let mut t = Duration::from_secs(5);
+            let n = f.queues[0]
+                .do_io(&mut comps, 1, Some(&mut t), None)
+                .unwrap();
+            for c in &comps[..n] {
+                // SAFETY: do_io initialised the first n completions.
+                let c = unsafe { c.assume_init_read() };
+                assert_eq!(c.ret, 0);
+                n_done += 1;
+                let i = c.user_data;
+                let p = f.ptr(i * 4096);
+                f.queues[0].read(i as u64 * 4096, p, 4096, i, ReqFlags::empty());
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let mut t = Duration::from_secs(5);
+        let _ = f.queues[0].do_io(&mut comps, 8, Some(&mut t), None);
+        n_done as f64 / elapsed
+    };
+    run(&mut f, Duration::from_millis(500));
+    let iops = run(&mut f, Duration::from_secs(3));
+    eprintln!("throttled IOPS: {iops:.0} (limit {limit})");
+    assert!(
+        (iops - limit).abs() <= limit * 0.1,
+        "IOPS {iops:.0} not within 10% of {limit}"
+    );
+    // SIGUSR1 logs the stats.
+    d.signal(libc::SIGUSR1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.log_text().contains("stats"), "{}", d.log_text());
+}
+
+#[test]
+fn null_device_reads_zeroes_and_drops_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), "null", &["--image", "null:1G"]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    assert_eq!(f.capacity, 1 << 30);
+    f.buf(0, 4096).fill(0xaa);
+    assert_eq!(f.write(0, 0, 0, 4096), 0);
+    assert_eq!(f.read(0, 0, 0, 4096), 0);
+    assert!(f.buf(0, 4096).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn socket_is_private_and_stale_sockets_are_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("vmcrypt.sock");
+    // A stale socket (bound, then its owner went away).
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let d = Daemon::start(dir.path(), "vmcrypt", &["--image", "null:1M"]);
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // A second daemon on the same live socket is refused.
+    let out = Command::new(BIN)
+        .args(["serve", "--image", "null:1M", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another process is serving"), "{err}");
+    // The first one still serves.
+    let f = Frontend::connect(&d.socket, 1, MIB as usize);
+    assert_eq!(f.capacity, MIB);
+}
+
+#[test]
+fn socket_mode_and_config_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("serve.toml");
+    std::fs::write(
+        &conf,
+        "image = \"null:2M\"\nsocket-mode = \"0660\"\nnum-queues = 2\n",
+    )
+    .unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        "cfg",
+        &["--config", conf.to_str().unwrap(), "--num-queues", "3"],
+    );
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let f = Frontend::connect(&d.socket, 3, MIB as usize);
+    assert_eq!(f.capacity, 2 * MIB);
+    assert_eq!(f.queues.len(), 3);
+}
+
+#[test]
+fn start_up_errors_are_one_line_and_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let odd = dir.path().join("odd.img");
+    std::fs::write(&odd, vec![0u8; 1000]).unwrap();
+    let plain = dir.path().join("plain-file");
+    std::fs::write(&plain, b"not a socket").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--image".into(),
+                dir.path().join("missing.img").display().to_string(),
+                "--socket".into(),
+                sock.display().to_string(),
+            ],
+            "cannot open image",
+        ),
+        (
+            vec![
+                "--image".into(),
+                odd.display().to_string(),
+                "--socket".into(),
+                sock.display().to_string(),
+            ],
+            "not a multiple of the block size",
+        ),
+        (
+            vec![
+                "--image".into(),
+                "null:1M".into(),
+                "--socket".into(),
+                "/nonexistent-dir/s.sock".into(),
+            ],
+            "cannot bind",
+        ),
+        (
+            vec![
+                "--image".into(),
+                "null:1M".into(),
+                "--socket".into(),
+                plain.display().to_string(),
+            ],
+            "not a socket",
+        ),
+        (
+            vec![
+                "--image".into(),
+                "null:1M".into(),
+                "--socket".into(),
+                sock.display().to_string(),
+                "--filter".into(),
+                "bogus".into(),
+            ],
+            "unknown filter",
+        ),
+        (
+            vec!["--socket".into(), sock.display().to_string()],
+            "missing --image",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(BIN).arg("serve").args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+    assert_eq!(std::fs::read(&plain).unwrap(), b"not a socket");
+}
+
+#[test]
+fn image_is_locked_against_a_second_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, img) = serve_raw(dir.path(), MIB, &[]);
+    let out = Command::new(BIN)
+        .args(["serve", "--image", img.to_str().unwrap(), "--socket"])
+        .arg(dir.path().join("other.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another process"));
+    drop(d);
+}
