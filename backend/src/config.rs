@@ -81,6 +81,12 @@ pub struct ServeOptions {
     #[serde(default, rename = "filters")]
     pub filters: Vec<String>,
 
+    /// Longest time a queue thread busy-polls for new requests before it
+    /// sleeps, in microseconds; the window adapts to the load [default: 32].
+    /// 0 never polls (least CPU, higher latency).
+    #[arg(long, value_name = "US")]
+    pub poll_us: Option<u64>,
+
     /// Permissions of the socket, octal [default: 0600].
     #[arg(long, value_name = "MODE")]
     pub socket_mode: Option<String>,
@@ -121,6 +127,7 @@ impl ServeOptions {
             } else {
                 self.filters
             },
+            poll_us: self.poll_us.or(file.poll_us),
             socket_mode: self.socket_mode.or(file.socket_mode),
             socket_group: self.socket_group.or(file.socket_group),
             log_level: self.log_level.or(file.log_level),
@@ -168,6 +175,7 @@ pub struct ServeConfig {
     pub filters: Vec<FilterSpec>,
     pub socket_mode: u32,
     pub socket_group: Option<String>,
+    pub poll_us: u64,
 }
 
 impl TryFrom<ServeOptions> for ServeConfig {
@@ -248,6 +256,10 @@ impl TryFrom<ServeOptions> for ServeConfig {
             filters,
             socket_mode,
             socket_group: o.socket_group,
+            poll_us: match o.poll_us.unwrap_or(32) {
+                us if us <= 1000 => us,
+                _ => return Err(invalid("poll-us", "at most 1000")),
+            },
         })
     }
 }

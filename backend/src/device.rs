@@ -31,6 +31,8 @@ pub struct DeviceSettings {
     pub num_queues: usize,
     pub queue_size: u16,
     pub disk: Arc<DiskInfo>,
+    /// Longest busy-polling window of a queue thread (zero: never poll).
+    pub poll_max: std::time::Duration,
 }
 
 /// The device for one frontend connection; clones share it.
@@ -63,6 +65,7 @@ impl BlockDevice {
                 mem.clone(),
                 Pipeline::new(filters, q),
                 storage,
+                settings.poll_max,
             )
             .map_err(StorageError::Uring)?;
             workers.push(Mutex::new(worker));
@@ -243,7 +246,9 @@ impl VhostUserBackend for BlockDevice {
         w.set_vring(vring);
         match device_event {
             0 => w.on_kick(vring, self.0.event_idx.load(Ordering::Relaxed)),
-            e if e == self.storage_event() => w.on_storage(vring),
+            e if e == self.storage_event() => {
+                w.on_storage(vring, self.0.event_idx.load(Ordering::Relaxed))
+            }
             e if e == self.timer_event() => w.on_timer(vring),
             e => {
                 tracing::warn!(thread_id, event = e, "unexpected event");

@@ -166,7 +166,6 @@ pub fn parse(
     req.iovs.clear();
     req.bounce = None;
     req.written = 0;
-    req.started = Instant::now();
 
     // Collect the regions; the chain iterator stops on loops and bad
     // indexes, which shows as a last descriptor that still has NEXT set.

@@ -95,6 +95,7 @@ pub fn serve_image(cfg: ServeConfig, image: Arc<Image>) -> Result<(), ServeError
         num_queues: usize::from(cfg.num_queues),
         queue_size: cfg.queue_size,
         disk,
+        poll_max: std::time::Duration::from_micros(cfg.poll_us),
     };
 
     // Signals are taken by a thread of their own: block them here, before

@@ -226,6 +226,18 @@ impl QueueStorage {
         }
     }
 
+    /// Whether completions are waiting to be reaped.
+    pub fn has_completions(&mut self) -> bool {
+        match self {
+            QueueStorage::Null => false,
+            QueueStorage::Uring(u) => {
+                let mut cq = u.ring.completion();
+                cq.sync();
+                !cq.is_empty()
+            }
+        }
+    }
+
     pub fn in_flight(&self) -> usize {
         match self {
             QueueStorage::Null => 0,

@@ -10,8 +10,9 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringMutex, VringState, VringT};
 use virtio_queue::{Queue, QueueT};
@@ -70,6 +71,11 @@ pub struct QueueWorker {
     reaped: Vec<(usize, i64)>,
     /// Requests were returned to the ring since the guest was last notified.
     returned: bool,
+    /// Current and largest busy-polling window, in nanoseconds.
+    poll_ns: u64,
+    poll_max_ns: u64,
+    /// When the thread last went back to waiting for events.
+    idle_since: Option<Instant>,
 }
 
 impl QueueWorker {
@@ -79,6 +85,7 @@ impl QueueWorker {
         mem: GuestMemAtomic,
         pipeline: Pipeline,
         storage: QueueStorage,
+        poll_max: Duration,
     ) -> io::Result<Self> {
         Ok(QueueWorker {
             index,
@@ -94,6 +101,9 @@ impl QueueWorker {
             stopped: false,
             reaped: Vec::new(),
             returned: false,
+            poll_ns: 0,
+            poll_max_ns: poll_max.as_nanos() as u64,
+            idle_since: None,
         })
     }
 
@@ -114,50 +124,126 @@ impl QueueWorker {
 
     /// The guest kicked the queue: take every available request.
     pub fn on_kick(&mut self, vring: &Vring, event_idx: bool) -> io::Result<()> {
-        if self.stopped {
-            return Ok(());
-        }
-        let mem = self.mem.memory().into_inner();
-        let mut state = vring.get_mut();
-        let queue = state.get_queue_mut();
-        loop {
-            if event_idx {
-                queue
-                    .disable_notification(&*mem)
-                    .map_err(io::Error::other)?;
-            }
-            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-                let head = chain.head_index();
-                let idx = self.alloc_slot();
-                let slot = &mut self.slots[idx];
-                match request::parse(&mem, head, chain, &self.disk.limits, &mut slot.req) {
-                    Ok(()) => {
-                        slot.mem = Some(mem.clone());
-                        slot.stage = 0;
-                        slot.done = 0;
-                        slot.punch_fallback = false;
-                        self.start(idx, 0, queue, &mem);
-                    }
-                    Err(e) => self.refuse(idx, e, queue, &mem),
-                }
-            }
-            self.kick_storage(queue, &mem);
-            if !event_idx || !queue.enable_notification(&*mem).map_err(io::Error::other)? {
-                break;
-            }
-        }
-        self.notify(&mut state)
+        self.service(vring, event_idx)
     }
 
     /// Storage posted completions.
-    pub fn on_storage(&mut self, vring: &Vring) -> io::Result<()> {
+    pub fn on_storage(&mut self, vring: &Vring, event_idx: bool) -> io::Result<()> {
         if let Some(efd) = self.storage.completion_fd() {
             efd.consume();
         }
+        self.service(vring, event_idx)
+    }
+
+    /// Takes requests from the ring and completions from storage until both
+    /// stay quiet for the polling window, then re-enables guest notifications.
+    ///
+    /// While polling, the guest is told not to kick (notifications stay
+    /// disabled), which saves a system call on both sides per batch; the
+    /// window adapts as QEMU's does: it grows when the thread was woken soon
+    /// after going idle (polling would have caught the event) and shrinks
+    /// when it slept longer than the maximum window.
+    fn service(&mut self, vring: &Vring, event_idx: bool) -> io::Result<()> {
+        let now = Instant::now();
+        self.adapt_poll(now);
         let mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
-        self.kick_storage(state.get_queue_mut(), &mem);
-        self.notify(&mut state)
+        loop {
+            let queue = state.get_queue_mut();
+            queue
+                .disable_notification(&*mem)
+                .map_err(io::Error::other)?;
+            if !self.stopped {
+                self.take_requests(queue, &mem);
+            }
+            self.kick_storage(queue, &mem);
+            self.notify(&mut state)?;
+            if self.poll_for_work(&mut state, &mem)? {
+                continue;
+            }
+            let queue = state.get_queue_mut();
+            let more = queue.enable_notification(&*mem).map_err(io::Error::other)?;
+            if !event_idx || !more || self.stopped {
+                break;
+            }
+        }
+        self.idle_since = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Pops and starts every available request.
+    fn take_requests(&mut self, queue: &mut Queue, mem: &Arc<GuestMem>) {
+        let now = Instant::now();
+        while let Some(chain) = queue.pop_descriptor_chain(&**mem) {
+            let head = chain.head_index();
+            let idx = self.alloc_slot();
+            let slot = &mut self.slots[idx];
+            match request::parse(mem, head, chain, &self.disk.limits, &mut slot.req) {
+                Ok(()) => {
+                    slot.req.started = now;
+                    slot.mem = Some(mem.clone());
+                    slot.stage = 0;
+                    slot.done = 0;
+                    slot.punch_fallback = false;
+                    self.start(idx, 0, queue, mem, now);
+                }
+                Err(e) => self.refuse(idx, e, queue, mem),
+            }
+        }
+    }
+
+    /// Spins for up to the polling window; true when new requests arrived.
+    /// Storage completions found meanwhile are completed and notified.
+    fn poll_for_work(
+        &mut self,
+        state: &mut VringState<GuestMemAtomic>,
+        mem: &GuestMem,
+    ) -> io::Result<bool> {
+        if self.poll_ns == 0 || self.stopped {
+            return Ok(false);
+        }
+        let deadline = Instant::now() + Duration::from_nanos(self.poll_ns);
+        let mut spins = 0u32;
+        loop {
+            let queue = state.get_queue_mut();
+            let avail = queue
+                .avail_idx(mem, Ordering::Acquire)
+                .map_err(io::Error::other)?;
+            if avail.0 != queue.next_avail() {
+                return Ok(true);
+            }
+            if self.storage.has_completions() {
+                self.complete_reaped(queue, mem);
+                self.notify(state)?;
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(32) && Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Adjusts the polling window from how long the thread was idle.
+    fn adapt_poll(&mut self, now: Instant) {
+        let Some(since) = self.idle_since.take() else {
+            return;
+        };
+        let slept = now.saturating_duration_since(since).as_nanos() as u64;
+        if self.poll_max_ns == 0 {
+            return;
+        }
+        if slept <= self.poll_max_ns {
+            // Woken soon after going idle: polling that long would have caught it.
+            self.poll_ns = (self.poll_ns.max(4_000) * 2)
+                .min(self.poll_max_ns)
+                .max(slept);
+        } else {
+            self.poll_ns /= 2;
+            if self.poll_ns < 4_000 {
+                self.poll_ns = 0;
+            }
+        }
     }
 
     /// The timer fired: retry delayed requests, in order.
@@ -231,8 +317,7 @@ impl QueueWorker {
     }
 
     /// Sends slot `idx` down the pipeline from stage `from`, then to storage.
-    fn start(&mut self, idx: usize, from: usize, queue: &mut Queue, mem: &GuestMem) {
-        let now = Instant::now();
+    fn start(&mut self, idx: usize, from: usize, queue: &mut Queue, mem: &GuestMem, now: Instant) {
         let slot = &mut self.slots[idx];
         match self.pipeline.submit(&mut slot.req, from, now, false) {
             Outcome::ToStorage => {

@@ -1,0 +1,310 @@
+//! vmcrypt-bench: vmcrypt against qemu-storage-daemon (QSD), side by side,
+//! over vhost-user-blk with libblkio as the frontend (no VM in the way).
+//!
+//! Both servers of a pair run at once and each cell is measured on them in
+//! alternation (A B A B ...), so drift on a shared machine hits both alike;
+//! the report gives ratios from the same run.
+
+mod driver;
+mod server;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+
+use driver::{Measured, Workload};
+use server::{Kind, Server, ServerSpec, Target};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Benchmark vmcrypt against qemu-storage-daemon over vhost-user-blk"
+)]
+struct Args {
+    /// A smoke run: tiny image, short cells, one round (checks the tool, not the speed).
+    #[arg(long)]
+    quick: bool,
+    /// Seconds measured per cell and server, per round.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Rounds of A/B alternation per cell.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Image size for the raw (and encrypted) targets, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Only run cells whose name contains this (e.g. "randread4k-qd32").
+    #[arg(long)]
+    only: Option<String>,
+    /// Queue counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    queues: Vec<u32>,
+    /// Targets: null, raw.
+    #[arg(long, value_delimiter = ',', default_value = "null,raw")]
+    targets: Vec<String>,
+    /// The client busy-polls for completions (libblkio poll queues) instead of
+    /// sleeping until notified: shows the servers' capacity rather than the
+    /// cost of waking the client.
+    #[arg(long)]
+    client_poll: bool,
+    /// The vmcrypt binary [default: the one built beside this benchmark].
+    #[arg(long)]
+    vmcrypt: Option<PathBuf>,
+    /// Folder for bench.md and bench.json, and for the images.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+const WORKLOADS: [Workload; 5] = [
+    Workload {
+        name: "randread4k-qd1",
+        write: false,
+        random: true,
+        block: 4096,
+        depth: 1,
+    },
+    Workload {
+        name: "randread4k-qd32",
+        write: false,
+        random: true,
+        block: 4096,
+        depth: 32,
+    },
+    Workload {
+        name: "randwrite4k-qd32",
+        write: true,
+        random: true,
+        block: 4096,
+        depth: 32,
+    },
+    Workload {
+        name: "seqread128k-qd8",
+        write: false,
+        random: false,
+        block: 128 << 10,
+        depth: 8,
+    },
+    Workload {
+        name: "seqwrite128k-qd8",
+        write: true,
+        random: false,
+        block: 128 << 10,
+        depth: 8,
+    },
+];
+
+#[derive(serde::Serialize)]
+struct Cell {
+    target: String,
+    workload: Workload,
+    queues: u32,
+    server: String,
+    rounds: Vec<Measured>,
+    iops: f64,
+    mb_s: f64,
+    mean_us: f64,
+    p99_us: f64,
+    cpu_us_per_io: f64,
+}
+
+fn vmcrypt_binary(arg: Option<PathBuf>) -> PathBuf {
+    arg.unwrap_or_else(|| {
+        let me = std::env::current_exe().expect("current exe");
+        me.parent().unwrap().join("vmcrypt")
+    })
+}
+
+/// A preallocated image with non-zero data, read once so it is in the page cache.
+fn make_image(path: &Path, size: u64) -> std::io::Result<()> {
+    let ok = std::fs::metadata(path)
+        .map(|m| m.len() == size)
+        .unwrap_or(false);
+    if !ok {
+        let mut f = std::fs::File::create(path)?;
+        let chunk = vec![0xa5u8; 1 << 20];
+        for _ in 0..size >> 20 {
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()?;
+    }
+    let _ = std::fs::read(path)?;
+    Ok(())
+}
+
+fn pairs(args: &Args, dir: &Path) -> Vec<(String, ServerSpec, ServerSpec)> {
+    let size = args.size_mib << 20;
+    let mut v = Vec::new();
+    for t in &args.targets {
+        let (target_a, target_b) = match t.as_str() {
+            "null" => (Target::Null { size }, Target::Null { size }),
+            "raw" => {
+                let img = dir.join("raw.img");
+                make_image(&img, size).expect("raw image");
+                (
+                    Target::Raw { image: img.clone() },
+                    Target::Raw { image: img },
+                )
+            }
+            other => panic!("unknown target {other}"),
+        };
+        let (la, lb) = match t.as_str() {
+            "null" => ("vmcrypt null", "QSD null-co"),
+            _ => ("vmcrypt raw", "QSD raw"),
+        };
+        v.push((
+            t.clone(),
+            ServerSpec {
+                kind: Kind::Vmcrypt,
+                target: target_a,
+                label: la.into(),
+            },
+            ServerSpec {
+                kind: Kind::Qsd,
+                target: target_b,
+                label: lb.into(),
+            },
+        ));
+    }
+    v
+}
+
+fn summarize(
+    target: &str,
+    w: Workload,
+    queues: u32,
+    label: &str,
+    rounds: Vec<Measured>,
+    cpu: f64,
+) -> Cell {
+    let n = rounds.len() as f64;
+    let ios: u64 = rounds.iter().map(|m| m.all_ios).sum();
+    Cell {
+        target: target.into(),
+        workload: w,
+        queues,
+        server: label.into(),
+        iops: rounds.iter().map(|m| m.iops).sum::<f64>() / n,
+        mb_s: rounds.iter().map(|m| m.mb_s).sum::<f64>() / n,
+        mean_us: rounds.iter().map(|m| m.mean_us).sum::<f64>() / n,
+        p99_us: rounds.iter().map(|m| m.p99_us).sum::<f64>() / n,
+        cpu_us_per_io: if ios > 0 { cpu * 1e6 / ios as f64 } else { 0.0 },
+        rounds,
+    }
+}
+
+fn main() {
+    let mut args = Args::parse();
+    if args.quick {
+        args.seconds = 0.3;
+        args.rounds = 1;
+        args.size_mib = 64;
+    }
+    std::fs::create_dir_all(&args.out).expect("create output folder");
+    let dir = std::fs::canonicalize(&args.out).unwrap();
+    let vmcrypt = vmcrypt_binary(args.vmcrypt.clone());
+    if !vmcrypt.exists() {
+        eprintln!(
+            "vmcrypt binary not found at {} (build it with cargo build --release -p vmcrypt)",
+            vmcrypt.display()
+        );
+        std::process::exit(2);
+    }
+    let dur = Duration::from_secs_f64(args.seconds);
+    let span = args.size_mib << 20;
+    let pairs = pairs(&args, &dir);
+    let cells_total: usize = pairs.len()
+        * WORKLOADS
+            .iter()
+            .filter(|w| {
+                args.only
+                    .as_ref()
+                    .is_none_or(|o| w.name.contains(o.as_str()))
+            })
+            .count()
+        * args.queues.len();
+    let mut cells: Vec<Cell> = Vec::new();
+    let mut ratios: Vec<(String, f64)> = Vec::new();
+    let mut done = 0;
+    for (target, a, b) in &pairs {
+        let max_q = *args.queues.iter().max().unwrap_or(&1);
+        let sa = Server::start(a, &vmcrypt, &dir, max_q).unwrap_or_else(|e| panic!("{e}"));
+        let sb = Server::start(b, &vmcrypt, &dir, max_q).unwrap_or_else(|e| panic!("{e}"));
+        for w in WORKLOADS.iter().filter(|w| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| w.name.contains(o.as_str()))
+        }) {
+            for &q in &args.queues {
+                done += 1;
+                let (mut ra, mut rb) = (Vec::new(), Vec::new());
+                let (mut cpu_a, mut cpu_b) = (0.0, 0.0);
+                for round in 0..args.rounds {
+                    eprint!(
+                        "\r[{done}/{cells_total}] {target} {} q{q} round {}/{}   ",
+                        w.name,
+                        round + 1,
+                        args.rounds
+                    );
+                    let _ = std::io::stderr().flush();
+                    // Alternate which server goes first each round.
+                    let order: [(&Server, &mut Vec<Measured>, &mut f64); 2] = if round % 2 == 0 {
+                        [(&sa, &mut ra, &mut cpu_a), (&sb, &mut rb, &mut cpu_b)]
+                    } else {
+                        [(&sb, &mut rb, &mut cpu_b), (&sa, &mut ra, &mut cpu_a)]
+                    };
+                    for (s, results, cpu) in order {
+                        let c0 = s.cpu_seconds();
+                        let m = driver::run(&s.socket, *w, q as usize, dur, span, args.client_poll)
+                            .unwrap_or_else(|e| panic!("{}: {e}", w.name));
+                        *cpu += s.cpu_seconds() - c0;
+                        results.push(m);
+                    }
+                }
+                let ca = summarize(target, *w, q, &a.label, ra, cpu_a);
+                let cb = summarize(target, *w, q, &b.label, rb, cpu_b);
+                ratios.push((
+                    format!("{} / {}: {} q{q}", a.label, b.label, w.name),
+                    ca.iops / cb.iops,
+                ));
+                cells.push(ca);
+                cells.push(cb);
+            }
+        }
+        sa.stop();
+        sb.stop();
+    }
+    eprintln!();
+
+    let mut md = String::new();
+    md.push_str("| target | workload | queues | server | IOPS | MB/s | mean µs | p99 µs | server CPU µs/IO |\n");
+    md.push_str("|---|---|---|---|---:|---:|---:|---:|---:|\n");
+    for c in &cells {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
+            c.target,
+            c.workload.name,
+            c.queues,
+            c.server,
+            c.iops,
+            c.mb_s,
+            c.mean_us,
+            c.p99_us,
+            c.cpu_us_per_io
+        ));
+    }
+    md.push_str("\n| ratio (IOPS) | value |\n|---|---:|\n");
+    for (name, r) in &ratios {
+        md.push_str(&format!("| {name} | {r:.2}x |\n"));
+    }
+    print!("{md}");
+    std::fs::write(dir.join("bench.md"), &md).expect("write bench.md");
+    let json = serde_json::json!({ "cells": cells, "ratios": ratios });
+    std::fs::write(
+        dir.join("bench.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .expect("write bench.json");
+    eprintln!("results in {}", dir.display());
+}

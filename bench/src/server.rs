@@ -1,0 +1,138 @@
+//! The servers compared: vmcrypt and qemu-storage-daemon (QSD), started and
+//! stopped by the benchmark itself.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a server serves.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Null { size: u64 },
+    Raw { image: PathBuf },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Vmcrypt,
+    Qsd,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerSpec {
+    pub kind: Kind,
+    pub target: Target,
+    pub label: String,
+}
+
+pub struct Server {
+    child: Child,
+    pub socket: PathBuf,
+}
+
+impl Server {
+    pub fn start(
+        spec: &ServerSpec,
+        vmcrypt: &Path,
+        dir: &Path,
+        queues: u32,
+    ) -> Result<Server, String> {
+        let socket = dir.join(format!("{}.sock", spec.label.replace(['/', ' '], "-")));
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = match spec.kind {
+            Kind::Vmcrypt => {
+                let mut c = Command::new(vmcrypt);
+                c.arg("serve").arg("--socket").arg(&socket);
+                c.args(["--num-queues", &queues.to_string()]);
+                match std::env::var("BENCH_VMCRYPT_ARGS") {
+                    Ok(extra) => c.args(extra.split_whitespace()),
+                    Err(_) => c.args(["--log-level", "warn"]),
+                };
+                match &spec.target {
+                    Target::Null { size } => c.arg("--image").arg(format!("null:{size}")),
+                    Target::Raw { image } => c.arg("--image").arg(image),
+                };
+                c
+            }
+            Kind::Qsd => {
+                let mut c = Command::new("qemu-storage-daemon");
+                match &spec.target {
+                    Target::Null { size } => {
+                        c.arg("--blockdev").arg(format!(
+                            "driver=null-co,node-name=d0,size={size},read-zeroes=on"
+                        ));
+                    }
+                    Target::Raw { image } => {
+                        c.arg("--blockdev").arg(format!(
+                            "driver=file,node-name=f0,filename={},cache.direct=off",
+                            image.display()
+                        ));
+                        c.arg("--blockdev").arg("driver=raw,node-name=d0,file=f0");
+                    }
+                }
+                c.arg("--export").arg(format!(
+                    "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+                    socket.display()
+                ));
+                c
+            }
+        };
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", spec.label))?;
+        let mut s = Server { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !s.socket.exists() {
+            if let Ok(Some(st)) = s.child.try_wait() {
+                return Err(format!("{} exited at start: {st}", spec.label));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{}: socket did not appear", spec.label));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // vmcrypt's socket exists once it listens; QSD's likewise.
+        std::thread::sleep(Duration::from_millis(50));
+        Ok(s)
+    }
+
+    /// CPU time (user + system) the server has used, in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which is in parentheses).
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after ')'.
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (ticks(11) + ticks(12)) / hz
+    }
+
+    pub fn stop(mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
