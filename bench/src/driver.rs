@@ -161,10 +161,11 @@ pub fn run(
     let mut m = Measured::default();
     let mut lat = Vec::new();
     for t in threads {
-        let (ios, secs, l) = t
+        let (ios, all_ios, secs, l) = t
             .join()
             .map_err(|_| "driver thread panicked".to_string())??;
         m.ios += ios;
+        m.all_ios += all_ios;
         m.seconds = m.seconds.max(secs);
         lat.extend(l);
     }
