@@ -100,8 +100,8 @@ pub fn run(
                         q.read(off, p, w.block, slot, ReqFlags::empty());
                     }
                 };
-                for slot in 0..w.depth {
-                    submitted_at[slot] = Instant::now();
+                for (slot, at) in submitted_at.iter_mut().enumerate() {
+                    *at = Instant::now();
                     submit(&mut q, slot, next_off(&mut rng));
                 }
                 let mut comps: Vec<MaybeUninit<Completion>> =
