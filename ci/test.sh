@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every vmcrypt test: installs what they need, then lint, unit,
+# integration, guest (QEMU) tests and a benchmark smoke run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash ci/install-deps.sh
+
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== tests"
+cargo test --workspace
+
+echo "== benchmark smoke run (checks the tool, not the speed)"
+cargo build --release -p vmcrypt -p vmcrypt-bench
+target/release/vmcrypt-bench --quick --out target/bench-quick > /dev/null
+echo "benchmark smoke run: ok"

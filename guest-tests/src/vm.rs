@@ -1,0 +1,267 @@
+//! Booting a guest with vhost-user-blk disks and collecting what it prints.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::guest::GuestImage;
+
+/// A vhost-user-blk disk served on `socket`.
+#[derive(Clone, Debug)]
+pub struct Disk {
+    pub socket: PathBuf,
+    pub num_queues: u32,
+    /// QEMU reconnects to the socket if the backend goes away.
+    pub reconnect: bool,
+}
+
+impl Disk {
+    pub fn new(socket: &Path) -> Disk {
+        Disk {
+            socket: socket.into(),
+            num_queues: 2,
+            reconnect: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
+            Accel::Tcg => &["-accel", "tcg,thread=multi", "-cpu", "max"],
+        }
+    }
+
+    /// KVM if a short probe boot shows it works, else TCG. The answer is
+    /// cached for the host's current boot.
+    pub fn detect(image: &GuestImage) -> Accel {
+        if let Ok(v) = std::env::var("VMCRYPT_GUEST_ACCEL") {
+            return if v == "kvm" { Accel::Kvm } else { Accel::Tcg };
+        }
+        let boot_id =
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let cache = image.dir.join(format!("accel-{}", boot_id.trim()));
+        if let Ok(v) = std::fs::read_to_string(&cache) {
+            return if v == "kvm" { Accel::Kvm } else { Accel::Tcg };
+        }
+        let works = Path::new("/dev/kvm").exists() && {
+            let work = tempfile::tempdir().unwrap();
+            let vm = Vm {
+                image: image.clone(),
+                disks: vec![],
+                cpus: 1,
+                mem_mb: 256,
+                accel: Accel::Kvm,
+                timeout: Duration::from_secs(20),
+                extra: vec![],
+            };
+            vm.run("true", work.path()).is_ok_and(|r| r.rc == Some(0))
+        };
+        let accel = if works { Accel::Kvm } else { Accel::Tcg };
+        let _ = std::fs::write(&cache, if works { "kvm" } else { "tcg" });
+        accel
+    }
+}
+
+/// A guest to boot.
+#[derive(Clone, Debug)]
+pub struct Vm {
+    pub image: GuestImage,
+    pub disks: Vec<Disk>,
+    pub cpus: u32,
+    pub mem_mb: u32,
+    pub accel: Accel,
+    pub timeout: Duration,
+    /// More QEMU arguments.
+    pub extra: Vec<String>,
+}
+
+/// What a guest run printed.
+#[derive(Debug)]
+pub struct GuestRun {
+    pub console: String,
+    /// The script's exit code, if the guest got that far.
+    pub rc: Option<i32>,
+    pub seconds: f64,
+}
+
+impl GuestRun {
+    /// The lines a script printed between `=== BEGIN name` and `=== END name`.
+    pub fn section(&self, name: &str) -> Option<String> {
+        let begin = format!("=== BEGIN {name}");
+        let end = format!("=== END {name}");
+        let start = self.console.find(&begin)? + begin.len();
+        let stop = start + self.console[start..].find(&end)?;
+        Some(self.console[start..stop].trim().replace('\r', ""))
+    }
+
+    /// A fio JSON report printed in section `name`.
+    pub fn fio(&self, name: &str) -> Result<serde_json::Value, String> {
+        let text = self
+            .section(name)
+            .ok_or_else(|| format!("no section {name} in the console:\n{}", self.tail()))?;
+        // fio may print notes before the JSON object.
+        let json = &text[text.find('{').ok_or("no JSON in fio's output")?..];
+        serde_json::from_str(json).map_err(|e| format!("fio JSON: {e}\n{json}"))
+    }
+
+    /// The end of the console log, for failure messages.
+    pub fn tail(&self) -> String {
+        let lines: Vec<&str> = self.console.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+}
+
+/// IOPS, bandwidth and latency of one fio job, for people to read.
+pub fn fio_summary(report: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for job in report["jobs"].as_array().into_iter().flatten() {
+        for dir in ["read", "write"] {
+            let d = &job[dir];
+            let ios = d["total_ios"].as_u64().unwrap_or(0);
+            if ios == 0 {
+                continue;
+            }
+            out.push_str(&format!(
+                "{} {dir}: {:.0} IOPS, {:.1} MiB/s, mean latency {:.0} us, p99 {:.0} us\n",
+                job["jobname"].as_str().unwrap_or("?"),
+                d["iops"].as_f64().unwrap_or(0.0),
+                d["bw_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                d["lat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0,
+                d["clat_ns"]["percentile"]["99.000000"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    / 1000.0,
+            ));
+        }
+    }
+    out
+}
+
+/// Total errors fio reports over all jobs.
+pub fn fio_errors(report: &serde_json::Value) -> u64 {
+    report["jobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|j| j["error"].as_u64().unwrap_or(1))
+        .sum()
+}
+
+impl Vm {
+    pub fn new(image: &GuestImage, accel: Accel) -> Vm {
+        Vm {
+            image: image.clone(),
+            disks: vec![],
+            cpus: 2,
+            mem_mb: 1024,
+            accel,
+            timeout: Duration::from_secs(240),
+            extra: vec![],
+        }
+    }
+
+    /// The QEMU command line (without the script-specific initrd).
+    pub fn command(&self, initrd: &Path, console: &Path) -> Command {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args([
+            "-machine",
+            "q35",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
+        c.args(self.accel.args());
+        c.args([
+            "-smp",
+            &self.cpus.to_string(),
+            "-m",
+            &format!("{}M", self.mem_mb),
+        ]);
+        c.args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={}M,share=on", self.mem_mb),
+        ]);
+        c.args(["-numa", "node,memdev=mem"]);
+        c.arg("-kernel").arg(&self.image.kernel);
+        c.arg("-initrd").arg(initrd);
+        c.args(["-append", "console=ttyS0 quiet panic=-1 loglevel=3"]);
+        c.arg("-serial").arg(format!("file:{}", console.display()));
+        for (i, d) in self.disks.iter().enumerate() {
+            let reconnect = if d.reconnect { ",reconnect=1" } else { "" };
+            c.args([
+                "-chardev",
+                &format!("socket,id=c{i},path={}{reconnect}", d.socket.display()),
+            ]);
+            c.args([
+                "-device",
+                &format!(
+                    "vhost-user-blk-pci,chardev=c{i},num-queues={}",
+                    d.num_queues
+                ),
+            ]);
+        }
+        c.args(&self.extra);
+        c
+    }
+
+    /// Boots the guest, runs `script` in it and waits for it to power off.
+    pub fn run(&self, script: &str, work: &Path) -> Result<GuestRun, String> {
+        let initrd = self.image.with_script(script, work)?;
+        let console = work.join("console.log");
+        let _ = std::fs::remove_file(&console);
+        let qemu_log = work.join("qemu.log");
+        let mut child = self
+            .command(&initrd, &console)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&qemu_log).unwrap())
+            .stderr(std::fs::File::create(work.join("qemu.err")).unwrap())
+            .spawn()
+            .map_err(|e| format!("starting qemu-system-x86_64: {e}"))?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+                break Some(s);
+            }
+            if start.elapsed() > self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let run = GuestRun {
+            console: std::fs::read_to_string(&console).unwrap_or_default(),
+            rc: None,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        let rc = run.console.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix("=== GUEST-EXIT rc=")
+                .and_then(|v| v.trim().parse().ok())
+        });
+        let run = GuestRun { rc, ..run };
+        let qemu_err = std::fs::read_to_string(work.join("qemu.err")).unwrap_or_default();
+        match status {
+            None => Err(format!(
+                "guest did not finish within {:?}; console:\n{}\nqemu stderr:\n{qemu_err}",
+                self.timeout,
+                run.tail()
+            )),
+            Some(s) if run.rc.is_none() => Err(format!(
+                "guest stopped ({s}) before its script finished; console:\n{}\nqemu stderr:\n{qemu_err}",
+                run.tail()
+            )),
+            Some(_) => Ok(run),
+        }
+    }
+}

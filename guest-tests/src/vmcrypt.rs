@@ -1,0 +1,128 @@
+//! Running `vmcrypt serve` for a guest.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::guest::target_dir;
+
+/// The vmcrypt binary of this workspace, built (once per process) if needed.
+pub fn binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("VMCRYPT_BIN") {
+            return p.into();
+        }
+        let release = !cfg!(debug_assertions);
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut c = Command::new(cargo);
+        c.args(["build", "-q", "-p", "vmcrypt", "--bin", "vmcrypt"]);
+        if release {
+            c.arg("--release");
+        }
+        let st = c.status().expect("cargo build -p vmcrypt");
+        assert!(st.success(), "building vmcrypt failed");
+        let dir = target_dir().join(if release { "release" } else { "debug" });
+        std::fs::canonicalize(dir.join("vmcrypt")).expect("vmcrypt binary")
+    })
+    .clone()
+}
+
+/// What vmcrypt logs once it listens.
+const READY: &str = "waiting for a frontend";
+
+/// A running `vmcrypt serve`, stopped when dropped.
+pub struct Vmcrypt {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Vmcrypt {
+    /// Starts `vmcrypt serve --socket DIR/NAME.sock ARGS...` and waits until it listens.
+    pub fn start(dir: &Path, name: &str, args: &[&str]) -> Result<Vmcrypt, String> {
+        let socket = dir.join(format!("{name}.sock"));
+        Self::start_on(&socket, dir, name, args)
+    }
+
+    pub fn start_on(
+        socket: &Path,
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+    ) -> Result<Vmcrypt, String> {
+        let log = dir.join(format!("{name}.log"));
+        // The log is appended to across restarts: wait for a new ready line.
+        let ready_before = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches(READY)
+            .count();
+        let child = Command::new(binary())
+            .arg("serve")
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            )
+            .spawn()
+            .map_err(|e| format!("starting vmcrypt: {e}"))?;
+        let mut v = Vmcrypt {
+            child,
+            socket: socket.into(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = v.log_text();
+            if log.matches(READY).count() > ready_before {
+                break;
+            }
+            if let Ok(Some(st)) = v.child.try_wait() {
+                return Err(format!("vmcrypt exited ({st}): {log}"));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("vmcrypt did not start: {log}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(v)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Vmcrypt {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
