@@ -181,7 +181,7 @@ impl Xts {
 }
 
 fn check(len: usize) -> Result<(), XtsError> {
-    if len % SECTOR != 0 {
+    if !len.is_multiple_of(SECTOR) {
         Err(XtsError::Length(len))
     } else {
         Ok(())
