@@ -95,6 +95,17 @@ pub struct ServeOptions {
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
 
+    /// Local key store folder for encrypted images [default: the one the
+    /// image's key descriptor names, else $XDG_DATA_HOME/vmcrypt/keys].
+    #[arg(long, value_name = "DIR")]
+    pub keystore: Option<PathBuf>,
+
+    /// Open an encrypted (LUKS1) image with the passphrase in this file
+    /// instead of its key descriptor: for images made by cryptsetup or
+    /// qemu-img, or for recovery.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+
     /// Log level: error, warn, info, debug or trace [default: info; RUST_LOG also works].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -131,6 +142,12 @@ impl ServeOptions {
             socket_mode: self.socket_mode.or(file.socket_mode),
             socket_group: self.socket_group.or(file.socket_group),
             log_level: self.log_level.or(file.log_level),
+            keystore: self
+                .keystore
+                .or_else(|| file.keystore.map(|p| relative_to(&path, p))),
+            passphrase_file: self
+                .passphrase_file
+                .or_else(|| file.passphrase_file.map(|p| relative_to(&path, p))),
             config: Some(path),
         })
     }
@@ -176,6 +193,7 @@ pub struct ServeConfig {
     pub socket_mode: u32,
     pub socket_group: Option<String>,
     pub poll_us: u64,
+    pub keys: crate::keys::KeySource,
 }
 
 impl TryFrom<ServeOptions> for ServeConfig {
@@ -256,6 +274,10 @@ impl TryFrom<ServeOptions> for ServeConfig {
             filters,
             socket_mode,
             socket_group: o.socket_group,
+            keys: crate::keys::KeySource {
+                passphrase_file: o.passphrase_file,
+                keystore: o.keystore,
+            },
             poll_us: match o.poll_us.unwrap_or(32) {
                 us if us <= 1000 => us,
                 _ => return Err(invalid("poll-us", "at most 1000")),

@@ -9,9 +9,11 @@
 //!    [`request`], passes them through the [`filter`] pipeline down to the
 //!    [`storage`] sink, and completes them back to the guest.
 
+pub mod commands;
 pub mod config;
 pub mod device;
 pub mod filter;
+pub mod keys;
 pub mod request;
 pub mod server;
 pub mod storage;

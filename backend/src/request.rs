@@ -69,7 +69,20 @@ unsafe impl Send for Iov {}
 /// A buffer the storage layer writes instead of the guest's buffers (a filter
 /// that transforms written data must never do it in guest memory).
 #[derive(Debug, Default)]
-pub struct Bounce(pub Vec<u8>);
+pub struct Bounce {
+    pub buf: Vec<u8>,
+    /// The operation the filter turned into this write, restored on completion.
+    pub replaces: Option<Op>,
+}
+
+impl Bounce {
+    pub fn new(buf: Vec<u8>) -> Self {
+        Bounce {
+            buf,
+            replaces: None,
+        }
+    }
+}
 
 /// A parsed, validated request, owned by a queue worker until completion.
 #[derive(Debug)]

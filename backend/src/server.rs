@@ -14,9 +14,10 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{ImageSpec, ServeConfig};
 use crate::device::{BlockDevice, DeviceSettings};
-use crate::filter::{self, Filter};
+use crate::filter::{self, Encrypt, Filter};
+use crate::keys::{self, KeyError};
 use crate::request::{Limits, ID_BYTES};
-use crate::storage::{Image, StorageError};
+use crate::storage::{self, Image, StorageError};
 use crate::worker::DiskInfo;
 
 /// Errors that stop `serve`.
@@ -26,6 +27,8 @@ pub enum ServeError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Filter(#[from] filter::FilterError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
     #[error("socket {path}: {reason}")]
     Socket { path: PathBuf, reason: String },
     #[error("vhost-user: {0}")]
@@ -58,21 +61,46 @@ struct Shared {
 }
 
 /// Serves `cfg` until SIGINT or SIGTERM; returns only on a start-up error.
+///
+/// A LUKS image is opened with its key (from its key descriptor, or
+/// `--passphrase-file`) and served through the `encrypt` filter, below any
+/// configured filter; the guest sees the payload.
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
-    let image = Arc::new(match &cfg.image {
-        ImageSpec::Null { size } => Image::Null { capacity: *size },
-        ImageSpec::File(path) => Image::open(path, cfg.read_only, cfg.block_size)?,
-    });
-    serve_image(cfg, image)
-}
-
-/// Serves an already opened image (the encryption layer opens its own).
-pub fn serve_image(cfg: ServeConfig, image: Arc<Image>) -> Result<(), ServeError> {
-    let filters = cfg
+    let mut filters = cfg
         .filters
         .iter()
         .map(|spec| filter::build(spec, usize::from(cfg.num_queues)))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<Arc<dyn Filter>>, _>>()?;
+    let image = match &cfg.image {
+        ImageSpec::Null { size } => Image::Null { capacity: *size },
+        ImageSpec::File(path) => {
+            let file = storage::open_locked(path, cfg.read_only)?;
+            if keys::is_luks(&file) {
+                let (header, key) = keys::unlock(path, &file, &cfg.keys)?;
+                filters
+                    .push(Arc::new(Encrypt::new(key).map_err(|e| {
+                        ServeError::Key(KeyError::Other(e.to_string()))
+                    })?));
+                Image::from_file(file, path, header.payload_bytes(), cfg.block_size)?
+            } else if cfg.keys.passphrase_file.is_some() {
+                return Err(ServeError::Key(KeyError::Other(format!(
+                    "{}: --passphrase-file given, but the image is not a LUKS image",
+                    path.display()
+                ))));
+            } else {
+                Image::from_file(file, path, 0, cfg.block_size)?
+            }
+        }
+    };
+    serve_image(cfg, Arc::new(image), filters)
+}
+
+/// Serves an opened image through `filters`.
+pub fn serve_image(
+    cfg: ServeConfig,
+    image: Arc<Image>,
+    filters: Vec<Arc<dyn Filter>>,
+) -> Result<(), ServeError> {
     let mut serial = [0u8; ID_BYTES];
     serial[..cfg.serial.len()].copy_from_slice(cfg.serial.as_bytes());
     let disk = Arc::new(DiskInfo {
@@ -121,7 +149,7 @@ pub fn serve_image(cfg: ServeConfig, image: Arc<Image>) -> Result<(), ServeError
         capacity = image.capacity(),
         queues = cfg.num_queues,
         read_only = cfg.read_only,
-        filters = ?cfg.filters.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
+        filters = ?filters.iter().map(|f| f.name()).collect::<Vec<_>>(),
         "serving; waiting for a frontend"
     );
     let mut listener = Listener::from(listener);

@@ -29,7 +29,7 @@ pub enum StorageError {
         size: u64,
         block_size: u32,
     },
-    #[error("image {path} is empty")]
+    #[error("image {path} has no data area (empty, or only a header)")]
     Empty { path: PathBuf },
     #[error("cannot set up io_uring (kernel too old or io_uring disabled?): {0}")]
     Uring(io::Error),
@@ -53,7 +53,17 @@ impl Image {
     /// Opens (and locks) an image file; the whole file is the disk.
     pub fn open(path: &Path, read_only: bool, block_size: u32) -> Result<Self, StorageError> {
         let file = open_locked(path, read_only)?;
-        let size = file_size(&file, path)?;
+        Self::from_file(file, path, 0, block_size)
+    }
+
+    /// An opened image whose disk starts `data_offset` bytes in.
+    pub fn from_file(
+        file: File,
+        path: &Path,
+        data_offset: u64,
+        block_size: u32,
+    ) -> Result<Self, StorageError> {
+        let size = file_size(&file, path)?.saturating_sub(data_offset);
         if size == 0 {
             return Err(StorageError::Empty { path: path.into() });
         }
@@ -67,7 +77,7 @@ impl Image {
         Ok(Image::File {
             file,
             path: path.into(),
-            data_offset: 0,
+            data_offset,
             capacity: size,
         })
     }

@@ -398,8 +398,8 @@ impl QueueWorker {
                         slot.tail.clear();
                         slot.tail.push(Iov {
                             // SAFETY: done < bounce length, so the pointer stays inside the buffer.
-                            base: unsafe { b.0.as_mut_ptr().add(done) },
-                            len: b.0.len() - done,
+                            base: unsafe { b.buf.as_mut_ptr().add(done) },
+                            len: b.buf.len() - done,
                         });
                         &slot.tail
                     } else if slot.done == 0 {
@@ -478,7 +478,7 @@ impl QueueWorker {
             Op::Read | Op::Write if res > 0 => {
                 slot.done += res as u64;
                 let total = match (&req.bounce, req.op) {
-                    (Some(b), Op::Write) => b.0.len() as u64,
+                    (Some(b), Op::Write) => b.buf.len() as u64,
                     _ => req.len,
                 };
                 if slot.done < total {

@@ -275,7 +275,7 @@ fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> L
 }
 
 /// A random version-4 UUID, lowercase.
-fn new_uuid() -> String {
+pub fn new_uuid() -> String {
     let mut b = [0u8; 16];
     crate::random_bytes(&mut b);
     b[6] = (b[6] & 0x0f) | 0x40;
@@ -299,6 +299,16 @@ pub fn create(
     size: u64,
     passphrase: &Passphrase,
 ) -> Result<(Header, MasterKey), LuksError> {
+    create_with_uuid(path, size, passphrase, &new_uuid())
+}
+
+/// As [`create`], with a chosen LUKS UUID.
+pub fn create_with_uuid(
+    path: &Path,
+    size: u64,
+    passphrase: &Passphrase,
+    uuid: &str,
+) -> Result<(Header, MasterKey), LuksError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -316,7 +326,7 @@ pub fn create(
                 }
             }
         })?;
-    let result = create_in(&file, path, size, passphrase);
+    let result = create_in(&file, path, size, passphrase, uuid);
     if result.is_err() {
         let _ = std::fs::remove_file(path);
     }
@@ -328,7 +338,11 @@ fn create_in(
     path: &Path,
     size: u64,
     passphrase: &Passphrase,
+    uuid: &str,
 ) -> Result<(Header, MasterKey), LuksError> {
+    if uuid.len() >= 40 {
+        return Err(LuksError::Corrupt(format!("UUID '{uuid}' is too long")));
+    }
     let key = MasterKey::generate();
     let mut header = Header {
         cipher_name: "aes".into(),
@@ -339,7 +353,7 @@ fn create_in(
         mk_digest: [0; DIGEST_LEN],
         mk_digest_salt: [0; SALT_LEN],
         mk_digest_iter: DEFAULT_ITERATIONS,
-        uuid: new_uuid(),
+        uuid: uuid.into(),
         slots: std::array::from_fn(|i| KeySlot {
             active: false,
             iterations: 0,

@@ -91,7 +91,7 @@ fn we_open_images_made_by_cryptsetup_and_qemu_img() {
     let (ok, out) = run(Command::new("qemu-img")
         .args(["create", "-f", "luks", "--object"])
         .arg(format!("secret,id=s0,file={}", key.display()))
-        .args(["-o", "key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256,iter-time=10"])
+        .args(["-o", "key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256,iter-time=200"])
         .arg(&b)
         .arg("16M"));
     assert!(ok, "{out}");

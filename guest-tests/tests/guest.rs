@@ -69,3 +69,54 @@ fn raw_disk_boots_and_fio_verify_passes() {
     assert_eq!(fio_errors(&fio), 0);
     assert!(d.stop().success());
 }
+
+/// `vmcrypt create` an encrypted image in `dir` with a local key store.
+fn encrypted_image(dir: &Path, name: &str, size: &str) -> std::path::PathBuf {
+    let img = dir.join(name);
+    let out = std::process::Command::new(guest_tests::vmcrypt::binary())
+        .args([
+            "create",
+            img.to_str().unwrap(),
+            "--size",
+            size,
+            "--keystore",
+        ])
+        .arg(dir.join("keys"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    img
+}
+
+#[test]
+fn encrypted_disk_boots_and_fio_verify_passes() {
+    let (image, accel, _lock) = setup();
+    let work = tempfile::tempdir().unwrap();
+    let img = encrypted_image(work.path(), "disk.img", "256M");
+    let d = Vmcrypt::start(
+        work.path(),
+        "vmcrypt",
+        &["--image", img.to_str().unwrap(), "--num-queues", "2"],
+    )
+    .unwrap();
+    let mut vm = Vm::new(&image, accel);
+    vm.disks.push(Disk::new(&d.socket));
+    let run = vm
+        .run(FIO_VERIFY, work.path())
+        .unwrap_or_else(|e| panic!("{e}\nvmcrypt log:\n{}", d.log_text()));
+    assert_eq!(
+        run.section("size").as_deref(),
+        Some("524288"),
+        "{}",
+        run.tail()
+    );
+    let fio = run.fio("fio").unwrap();
+    eprint!("{}", fio_summary(&fio));
+    assert_eq!(run.rc, Some(0), "{}", run.tail());
+    assert_eq!(fio_errors(&fio), 0);
+    assert!(d.stop().success());
+}

@@ -12,6 +12,7 @@
 //! ask for it to be retried later. On the way up ([`QueueFilter::complete`])
 //! it sees the status and may transform read data in place in guest buffers.
 
+mod encrypt;
 mod stats;
 mod throttle;
 
@@ -19,6 +20,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use encrypt::Encrypt;
 pub use stats::Stats;
 pub use throttle::Throttle;
 

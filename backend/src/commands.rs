@@ -1,0 +1,185 @@
+//! The commands besides `serve`: create, info, export-passphrase.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use vmcrypt_crypto::{luks, Luks, Passphrase};
+use vmcrypt_kms::{KeyProvider, LocalKeyStore};
+
+use crate::keys::{self, KeyDescriptor, KeyError, KeySource};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("{path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> CommandError + 'a {
+    move |source| CommandError::Io {
+        path: path.into(),
+        what,
+        source,
+    }
+}
+
+fn luks_err(path: &Path) -> impl FnOnce(luks::LuksError) -> CommandError + '_ {
+    move |source| {
+        CommandError::Key(KeyError::Luks {
+            path: path.into(),
+            source,
+        })
+    }
+}
+
+/// `vmcrypt create`: a new LUKS1 image whose key slot opens with a fresh KEK.
+pub fn create(
+    image: &Path,
+    size: u64,
+    provider: &dyn KeyProvider,
+    keystore: Option<PathBuf>,
+) -> Result<(), CommandError> {
+    if size == 0 || !size.is_multiple_of(4096) {
+        return Err(CommandError::Invalid(format!(
+            "--size {size}: must be a positive multiple of 4096 bytes"
+        )));
+    }
+    if image.exists() {
+        return Err(CommandError::Invalid(format!(
+            "{}: already exists; refusing to overwrite it",
+            image.display()
+        )));
+    }
+    let descriptor_path = KeyDescriptor::path_for(image);
+    if descriptor_path.exists() {
+        return Err(CommandError::Invalid(format!(
+            "{}: a key descriptor already exists there; remove it first",
+            descriptor_path.display()
+        )));
+    }
+    let uuid = luks::new_uuid();
+    let name = format!("vmcrypt:{uuid}");
+    let (key_id, kek) = provider.create_kek(&name).map_err(KeyError::from)?;
+    let passphrase = Passphrase::from_kek(kek.as_bytes());
+    drop(kek);
+    let (header, _dek) =
+        luks::create_with_uuid(image, size, &passphrase, &uuid).map_err(luks_err(image))?;
+    let descriptor = KeyDescriptor {
+        version: 1,
+        luks_uuid: header.uuid.clone(),
+        provider: provider.kind().into(),
+        key_id: key_id.clone(),
+        key_name: name,
+        keystore,
+    };
+    if let Err(e) = descriptor.store(image, false) {
+        let _ = std::fs::remove_file(image);
+        return Err(e.into());
+    }
+    println!(
+        "created {}: {} bytes, LUKS1 aes-xts-plain64, UUID {}\nkey-encryption key {} at {}\nkey descriptor {}",
+        image.display(),
+        size,
+        header.uuid,
+        key_id,
+        provider.describe(),
+        descriptor_path.display()
+    );
+    Ok(())
+}
+
+/// `vmcrypt info`: what an image is, without any secret.
+pub fn info(image: &Path) -> Result<(), CommandError> {
+    let file = File::open(image).map_err(io(image, "cannot open"))?;
+    let len = file.metadata().map_err(io(image, "cannot stat"))?.len();
+    if !keys::is_luks(&file) {
+        println!(
+            "image:      {}\nformat:     raw (not encrypted)\ncapacity:   {len} bytes",
+            image.display()
+        );
+        return Ok(());
+    }
+    let l = Luks::open(&file, image).map_err(luks_err(image))?;
+    let h = &l.header;
+    println!("image:          {}", image.display());
+    println!("format:         LUKS1");
+    println!(
+        "cipher:         {}-{}, {}-bit key",
+        h.cipher_name,
+        h.cipher_mode,
+        h.key_bytes * 8
+    );
+    println!("hash:           {}", h.hash.spec());
+    println!("uuid:           {}", h.uuid);
+    println!(
+        "payload offset: {} sectors ({} bytes)",
+        h.payload_offset,
+        h.payload_bytes()
+    );
+    println!(
+        "capacity:       {} bytes",
+        len.saturating_sub(h.payload_bytes())
+    );
+    println!("key slots:      {:?} in use", h.active_slots());
+    match KeyDescriptor::load(image)? {
+        Some(d) => {
+            println!("key provider:   {}", d.provider);
+            println!("key id:         {}", d.key_id);
+            println!("key name:       {}", d.key_name);
+            if let Some(k) = d.keystore {
+                println!("key store:      {}", k.display());
+            }
+        }
+        None => println!(
+            "key:            no key descriptor ({})",
+            KeyDescriptor::path_for(image).display()
+        ),
+    }
+    Ok(())
+}
+
+/// `vmcrypt export-passphrase`: the explicit recovery path. Writes the key
+/// slot's passphrase to a new 0600 file, after checking that it opens the image.
+pub fn export_passphrase(
+    image: &Path,
+    output: &Path,
+    source: &KeySource,
+) -> Result<(), CommandError> {
+    let file = File::open(image).map_err(io(image, "cannot open"))?;
+    let l = Luks::open(&file, image).map_err(luks_err(image))?;
+    let passphrase = keys::passphrase_for(image, &l.header, source)?;
+    let (_key, slot) = l.unlock(&passphrase).map_err(luks_err(image))?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(output)
+        .map_err(io(output, "cannot create (it must not exist)"))?;
+    out.write_all(passphrase.as_bytes())
+        .map_err(io(output, "cannot write"))?;
+    out.sync_all().map_err(io(output, "cannot sync"))?;
+    eprintln!(
+        "wrote the passphrase of key slot {slot} of {} to {} (mode 0600): it opens the image, keep it safe",
+        image.display(),
+        output.display()
+    );
+    Ok(())
+}
+
+/// The local key store to use.
+pub fn local_store(keystore: Option<&Path>) -> LocalKeyStore {
+    LocalKeyStore::new(
+        &keystore
+            .map(Path::to_path_buf)
+            .unwrap_or_else(LocalKeyStore::default_dir),
+    )
+}

@@ -1,0 +1,250 @@
+//! Which key opens an encrypted image, and opening it.
+//!
+//! `vmcrypt create` records the key-encryption key's provider and id in a
+//! key descriptor next to the image (`IMAGE.vmcrypt`, TOML, no secrets).
+//! The KEK, hex-encoded, is the passphrase of the image's LUKS key slot.
+//! `serve` reads the descriptor, fetches the KEK, opens the slot, keeps the
+//! master key (the DEK) and drops the KEK.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vmcrypt_crypto::luks::{Header, LuksError};
+use vmcrypt_crypto::{Luks, MasterKey, Passphrase};
+use vmcrypt_kms::{KeyProvider, KmsError, LocalKeyStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{path}: {source}")]
+    Luks { path: PathBuf, source: LuksError },
+    #[error(transparent)]
+    Kms(#[from] KmsError),
+    #[error("key descriptor {path}: {reason}")]
+    Descriptor { path: PathBuf, reason: String },
+    #[error("{image} is encrypted but has no key descriptor ({descriptor}); serve it with --passphrase-file")]
+    NoDescriptor { image: PathBuf, descriptor: PathBuf },
+    #[error("passphrase file {path}: {source}")]
+    PassphraseFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The key descriptor kept next to an encrypted image.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct KeyDescriptor {
+    pub version: u32,
+    /// The LUKS UUID of the image this descriptor belongs to.
+    pub luks_uuid: String,
+    /// "local" or "kmip".
+    pub provider: String,
+    /// The KEK's id at its provider (a KMIP unique identifier for "kmip").
+    pub key_id: String,
+    /// The KEK's name at its provider (`vmcrypt:<luks-uuid>`).
+    pub key_name: String,
+    /// For "local": the key store folder the key was created in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keystore: Option<PathBuf>,
+}
+
+const DESCRIPTOR_HEAD: &str =
+    "# vmcrypt key descriptor: names the key-encryption key that opens the\n\
+# LUKS key slot of the image beside it. It holds no secret.\n";
+
+impl KeyDescriptor {
+    pub fn path_for(image: &Path) -> PathBuf {
+        let mut p = image.as_os_str().to_owned();
+        p.push(".vmcrypt");
+        PathBuf::from(p)
+    }
+
+    pub fn load(image: &Path) -> Result<Option<Self>, KeyError> {
+        let path = Self::path_for(image);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(KeyError::Descriptor {
+                    path,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let d: KeyDescriptor = toml::from_str(&text).map_err(|e| KeyError::Descriptor {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if d.version != 1 {
+            return Err(KeyError::Descriptor {
+                path,
+                reason: format!("version {} is not supported", d.version),
+            });
+        }
+        Ok(Some(d))
+    }
+
+    /// Writes the descriptor; `replace` swaps it atomically (rename), else
+    /// an existing one is an error.
+    pub fn store(&self, image: &Path, replace: bool) -> Result<(), KeyError> {
+        let path = Self::path_for(image);
+        let err = |e: std::io::Error| KeyError::Descriptor {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        let text = format!(
+            "{DESCRIPTOR_HEAD}{}",
+            toml::to_string(self).expect("descriptor serializes")
+        );
+        let target = if replace {
+            path.with_extension("vmcrypt.tmp")
+        } else {
+            path.clone()
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(!replace)
+            .create(replace)
+            .truncate(true)
+            .mode(0o644)
+            .open(&target)
+            .map_err(err)?;
+        f.write_all(text.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        if replace {
+            std::fs::rename(&target, &path).map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the key for an encrypted image comes from.
+#[derive(Clone, Debug, Default)]
+pub struct KeySource {
+    /// A passphrase file (images made elsewhere, or recovery).
+    pub passphrase_file: Option<PathBuf>,
+    /// The local key store folder, overriding the descriptor's.
+    pub keystore: Option<PathBuf>,
+}
+
+/// True if the file starts with the LUKS magic.
+pub fn is_luks(file: &File) -> bool {
+    let mut magic = [0u8; 6];
+    file.read_exact_at(&mut magic, 0).is_ok() && &magic == b"LUKS\xba\xbe"
+}
+
+/// Reads a passphrase file: its bytes as they are (as cryptsetup's
+/// --key-file does), except one trailing newline.
+pub fn read_passphrase_file(path: &Path) -> Result<Passphrase, KeyError> {
+    let mut bytes = std::fs::read(path).map_err(|source| KeyError::PassphraseFile {
+        path: path.into(),
+        source,
+    })?;
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+    }
+    Ok(Passphrase::new(bytes))
+}
+
+/// The provider a descriptor names.
+pub fn provider_for(
+    d: &KeyDescriptor,
+    source: &KeySource,
+) -> Result<Box<dyn KeyProvider>, KeyError> {
+    match d.provider.as_str() {
+        "local" => {
+            let dir = source
+                .keystore
+                .clone()
+                .or_else(|| d.keystore.clone())
+                .unwrap_or_else(LocalKeyStore::default_dir);
+            Ok(Box::new(LocalKeyStore::new(&dir)))
+        }
+        other => Err(KeyError::Other(format!(
+            "key provider '{other}' is not supported by this build"
+        ))),
+    }
+}
+
+/// The passphrase that opens `image`: from the passphrase file, or the KEK
+/// named by its descriptor.
+pub fn passphrase_for(
+    image: &Path,
+    header: &Header,
+    source: &KeySource,
+) -> Result<Passphrase, KeyError> {
+    if let Some(p) = &source.passphrase_file {
+        return read_passphrase_file(p);
+    }
+    let descriptor = KeyDescriptor::load(image)?.ok_or_else(|| KeyError::NoDescriptor {
+        image: image.into(),
+        descriptor: KeyDescriptor::path_for(image),
+    })?;
+    if descriptor.luks_uuid != header.uuid {
+        return Err(KeyError::Descriptor {
+            path: KeyDescriptor::path_for(image),
+            reason: format!(
+                "it belongs to LUKS UUID {}, the image has {}",
+                descriptor.luks_uuid, header.uuid
+            ),
+        });
+    }
+    let provider = provider_for(&descriptor, source)?;
+    tracing::info!(key_id = %descriptor.key_id, provider = %provider.describe(), "fetching the key-encryption key");
+    let kek = provider.get_kek(&descriptor.key_id)?;
+    Ok(Passphrase::from_kek(kek.as_bytes()))
+}
+
+/// Opens the LUKS header of `image` and unlocks its master key.
+pub fn unlock(
+    image: &Path,
+    file: &File,
+    source: &KeySource,
+) -> Result<(Header, MasterKey), KeyError> {
+    let luks_err = |source| KeyError::Luks {
+        path: image.into(),
+        source,
+    };
+    let luks = Luks::open(file, image).map_err(luks_err)?;
+    let passphrase = passphrase_for(image, &luks.header, source)?;
+    let (key, slot) = luks.unlock(&passphrase).map_err(luks_err)?;
+    tracing::info!(slot, uuid = %luks.header.uuid, "opened the image's key slot");
+    Ok((luks.header, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_round_trip_and_refuse_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        let d = KeyDescriptor {
+            version: 1,
+            luks_uuid: "u".into(),
+            provider: "local".into(),
+            key_id: "abc".into(),
+            key_name: "vmcrypt:u".into(),
+            keystore: Some("/k".into()),
+        };
+        d.store(&img, false).unwrap();
+        assert!(d.store(&img, false).is_err());
+        assert_eq!(KeyDescriptor::load(&img).unwrap(), Some(d.clone()));
+        let d2 = KeyDescriptor {
+            key_id: "def".into(),
+            ..d
+        };
+        d2.store(&img, true).unwrap();
+        assert_eq!(KeyDescriptor::load(&img).unwrap(), Some(d2));
+        assert_eq!(
+            KeyDescriptor::path_for(&img),
+            dir.path().join("disk.img.vmcrypt")
+        );
+    }
+}
