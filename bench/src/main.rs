@@ -7,6 +7,7 @@
 
 mod driver;
 mod server;
+mod xts;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,9 +42,12 @@ struct Args {
     /// Queue counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     queues: Vec<u32>,
-    /// Targets: null, raw.
-    #[arg(long, value_delimiter = ',', default_value = "null,raw")]
+    /// Targets: null, raw, luks (encrypted).
+    #[arg(long, value_delimiter = ',', default_value = "null,raw,luks")]
     targets: Vec<String>,
+    /// Skip the XTS engine benchmark.
+    #[arg(long)]
+    no_xts: bool,
     /// The client busy-polls for completions (libblkio poll queues) instead of
     /// sleeping until notified: shows the servers' capacity rather than the
     /// cost of waking the client.
@@ -52,6 +56,8 @@ struct Args {
     /// The vmcrypt binary [default: the one built beside this benchmark].
     #[arg(long)]
     vmcrypt: Option<PathBuf>,
+    #[arg(skip)]
+    vmcrypt_bin: PathBuf,
     /// Folder for bench.md and bench.json, and for the images.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -133,6 +139,49 @@ fn make_image(path: &Path, size: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// An encrypted image made by `vmcrypt create`, its payload filled (so no
+/// holes), in the page cache, and its exported passphrase for QSD.
+fn make_luks_image(vmcrypt: &Path, dir: &Path, size: u64) -> std::io::Result<(PathBuf, PathBuf)> {
+    use std::os::unix::fs::FileExt;
+    let img = dir.join("luks.img");
+    let pass = dir.join("luks.pass");
+    let keys = dir.join("keys");
+    let _ = std::fs::remove_file(&img);
+    let _ = std::fs::remove_file(dir.join("luks.img.vmcrypt"));
+    let _ = std::fs::remove_file(&pass);
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(vmcrypt).args(args).output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
+        }
+        Ok(())
+    };
+    run(&[
+        "create".as_ref(),
+        img.as_os_str(),
+        "--size".as_ref(),
+        size.to_string().as_ref(),
+        "--keystore".as_ref(),
+        keys.as_os_str(),
+    ])?;
+    run(&[
+        "export-passphrase".as_ref(),
+        img.as_os_str(),
+        "--output".as_ref(),
+        pass.as_os_str(),
+    ])?;
+    let f = std::fs::OpenOptions::new().write(true).open(&img)?;
+    let chunk = vec![0xa5u8; 1 << 20];
+    for i in 0..size >> 20 {
+        f.write_all_at(&chunk, (2 << 20) + (i << 20))?;
+    }
+    f.sync_all()?;
+    let _ = std::fs::read(&img)?;
+    Ok((img, pass))
+}
+
 fn pairs(args: &Args, dir: &Path) -> Vec<(String, ServerSpec, ServerSpec)> {
     let size = args.size_mib << 20;
     let mut v = Vec::new();
@@ -147,10 +196,20 @@ fn pairs(args: &Args, dir: &Path) -> Vec<(String, ServerSpec, ServerSpec)> {
                     Target::Raw { image: img },
                 )
             }
+            "luks" => {
+                let (img, pass) =
+                    make_luks_image(&args.vmcrypt_bin, dir, size).expect("LUKS image");
+                let t = Target::Luks {
+                    image: img,
+                    passphrase: pass,
+                };
+                (t.clone(), t)
+            }
             other => panic!("unknown target {other}"),
         };
         let (la, lb) = match t.as_str() {
             "null" => ("vmcrypt null", "QSD null-co"),
+            "luks" => ("vmcrypt encrypted", "QSD luks"),
             _ => ("vmcrypt raw", "QSD raw"),
         };
         v.push((
@@ -204,6 +263,7 @@ fn main() {
     std::fs::create_dir_all(&args.out).expect("create output folder");
     let dir = std::fs::canonicalize(&args.out).unwrap();
     let vmcrypt = vmcrypt_binary(args.vmcrypt.clone());
+    args.vmcrypt_bin = vmcrypt.clone();
     if !vmcrypt.exists() {
         eprintln!(
             "vmcrypt binary not found at {} (build it with cargo build --release -p vmcrypt)",
@@ -276,6 +336,25 @@ fn main() {
         sb.stop();
     }
     eprintln!();
+    // Encrypted against unencrypted vmcrypt, cell by cell.
+    for c in cells.iter().filter(|c| c.server == "vmcrypt encrypted") {
+        if let Some(raw) = cells.iter().find(|r| {
+            r.server == "vmcrypt raw" && r.workload.name == c.workload.name && r.queues == c.queues
+        }) {
+            ratios.push((
+                format!(
+                    "vmcrypt encrypted / vmcrypt raw: {} q{}",
+                    c.workload.name, c.queues
+                ),
+                c.iops / raw.iops,
+            ));
+        }
+    }
+    let xts_report = if args.no_xts {
+        None
+    } else {
+        Some(xts::run(args.quick))
+    };
 
     let mut md = String::new();
     md.push_str("| target | workload | queues | server | IOPS | MB/s | mean µs | p99 µs | server CPU µs/IO |\n");
@@ -298,9 +377,12 @@ fn main() {
     for (name, r) in &ratios {
         md.push_str(&format!("| {name} | {r:.2}x |\n"));
     }
+    if let Some(x) = &xts_report {
+        md.push_str(&x.markdown());
+    }
     print!("{md}");
     std::fs::write(dir.join("bench.md"), &md).expect("write bench.md");
-    let json = serde_json::json!({ "cells": cells, "ratios": ratios });
+    let json = serde_json::json!({ "cells": cells, "ratios": ratios, "xts": xts_report });
     std::fs::write(
         dir.join("bench.json"),
         serde_json::to_string_pretty(&json).unwrap(),

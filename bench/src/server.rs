@@ -8,8 +8,17 @@ use std::time::{Duration, Instant};
 /// What a server serves.
 #[derive(Clone, Debug)]
 pub enum Target {
-    Null { size: u64 },
-    Raw { image: PathBuf },
+    Null {
+        size: u64,
+    },
+    Raw {
+        image: PathBuf,
+    },
+    /// A LUKS image opened with the passphrase in a file.
+    Luks {
+        image: PathBuf,
+        passphrase: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +60,11 @@ impl Server {
                 match &spec.target {
                     Target::Null { size } => c.arg("--image").arg(format!("null:{size}")),
                     Target::Raw { image } => c.arg("--image").arg(image),
+                    Target::Luks { image, passphrase } => c
+                        .arg("--image")
+                        .arg(image)
+                        .arg("--passphrase-file")
+                        .arg(passphrase),
                 };
                 c
             }
@@ -68,6 +82,16 @@ impl Server {
                             image.display()
                         ));
                         c.arg("--blockdev").arg("driver=raw,node-name=d0,file=f0");
+                    }
+                    Target::Luks { image, passphrase } => {
+                        c.arg("--object")
+                            .arg(format!("secret,id=s0,file={}", passphrase.display()));
+                        c.arg("--blockdev").arg(format!(
+                            "driver=file,node-name=f0,filename={},cache.direct=off",
+                            image.display()
+                        ));
+                        c.arg("--blockdev")
+                            .arg("driver=luks,node-name=d0,file=f0,key-secret=s0");
                     }
                 }
                 c.arg("--export").arg(format!(
