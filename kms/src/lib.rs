@@ -5,12 +5,14 @@
 //! the rest of vmcrypt sees; [`local::LocalKeyStore`] is the embedded
 //! default for a single host or development.
 
+pub mod kmip;
 pub mod local;
 
 use std::fmt;
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+pub use kmip::{KmipConfig, KmipProvider};
 pub use local::LocalKeyStore;
 
 /// Bytes of a KEK.
@@ -104,8 +106,9 @@ pub trait KeyProvider: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Creates a new active KEK named `name`; returns its id and bytes.
     fn create_kek(&self, name: &str) -> Result<(String, Kek), KmsError>;
-    /// Fetches an active KEK by id.
-    fn get_kek(&self, id: &str) -> Result<Kek, KmsError>;
+    /// Fetches an active KEK by id; `name` (recorded at creation) finds it
+    /// on a replica that gave it another id.
+    fn get_kek(&self, id: &str, name: Option<&str>) -> Result<Kek, KmsError>;
     /// Revokes a KEK (it can no longer be fetched for use).
     fn revoke_kek(&self, id: &str) -> Result<(), KmsError>;
 }

@@ -91,7 +91,7 @@ impl KeyProvider for LocalKeyStore {
         Ok((id, kek))
     }
 
-    fn get_kek(&self, id: &str) -> Result<Kek, KmsError> {
+    fn get_kek(&self, id: &str, _name: Option<&str>) -> Result<Kek, KmsError> {
         let path = self.path(id, KEY_SUFFIX)?;
         let mut f = match fs::File::open(&path) {
             Ok(f) => f,
@@ -162,18 +162,18 @@ mod tests {
             fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777,
             0o700
         );
-        assert_eq!(store.get_kek(&id).unwrap().as_bytes(), kek.as_bytes());
+        assert_eq!(store.get_kek(&id, None).unwrap().as_bytes(), kek.as_bytes());
         store.revoke_kek(&id).unwrap();
         assert!(matches!(
-            store.get_kek(&id),
+            store.get_kek(&id, None),
             Err(KmsError::NotActive { .. })
         ));
         assert!(matches!(
-            store.get_kek("0123"),
+            store.get_kek("0123", None),
             Err(KmsError::NotFound { .. })
         ));
         assert!(matches!(
-            store.get_kek("../etc/passwd"),
+            store.get_kek("../etc/passwd", None),
             Err(KmsError::NotFound { .. })
         ));
     }
@@ -183,7 +183,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalKeyStore::new(dir.path());
         fs::write(dir.path().join("abc.key"), b"short").unwrap();
-        let err = store.get_kek("abc").unwrap_err().to_string();
+        let err = store.get_kek("abc", None).unwrap_err().to_string();
         assert!(err.contains("5 bytes"), "{err}");
     }
 }
