@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash ci/install-deps.sh
+# PyKMIP in a venv and a throwaway PKI; the tests start their own servers.
+bash ci/kms.sh setup target/kms
 
 echo "== format and lints"
 cargo fmt --all -- --check

@@ -183,3 +183,97 @@ pub fn local_store(keystore: Option<&Path>) -> LocalKeyStore {
             .unwrap_or_else(LocalKeyStore::default_dir),
     )
 }
+
+/// `vmcrypt rekey` (shallow rekey): a new KEK and key slot for the same
+/// data key; the old slot is wiped, optionally the old KEK revoked.
+///
+/// Safe while the image is served: only the header area changes, never
+/// the payload, and the running daemon holds the data key in memory. Each
+/// step leaves an image that opens: the new slot is written and synced
+/// before the header names it; the descriptor is replaced atomically
+/// (rename) once the new slot exists; only then is the old slot disabled
+/// and wiped.
+pub fn rekey(
+    image: &Path,
+    old: &KeySource,
+    new_provider: &dyn KeyProvider,
+    keystore: Option<PathBuf>,
+    revoke_old: bool,
+) -> Result<(), CommandError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .map_err(io(image, "cannot open"))?;
+    let mut l = Luks::open(&file, image).map_err(luks_err(image))?;
+    let descriptor = KeyDescriptor::load(image)?.ok_or_else(|| KeyError::NoDescriptor {
+        image: image.into(),
+        descriptor: KeyDescriptor::path_for(image),
+    })?;
+    let old_provider = keys::provider_for(&descriptor, old)?;
+    let old_kek = old_provider
+        .get_kek(&descriptor.key_id, Some(&descriptor.key_name))
+        .map_err(KeyError::from)?;
+    let (dek, old_slot) = l
+        .unlock(&Passphrase::from_kek(old_kek.as_bytes()))
+        .map_err(luks_err(image))?;
+    drop(old_kek);
+
+    let mut tag = [0u8; 4];
+    vmcrypt_crypto::random_bytes(&mut tag);
+    let name = format!("vmcrypt:{}:{}", l.header.uuid, hex::encode(tag));
+    let (new_id, new_kek) = new_provider.create_kek(&name).map_err(KeyError::from)?;
+    let new_slot = l
+        .add_slot(&dek, &Passphrase::from_kek(new_kek.as_bytes()))
+        .map_err(luks_err(image))?;
+    drop(new_kek);
+    KeyDescriptor {
+        version: 1,
+        luks_uuid: l.header.uuid.clone(),
+        provider: new_provider.kind().into(),
+        key_id: new_id.clone(),
+        key_name: name,
+        keystore,
+    }
+    .store(image, true)?;
+    l.remove_slot(old_slot).map_err(luks_err(image))?;
+    println!(
+        "rekeyed {}: key slot {old_slot} (key {}) replaced by slot {new_slot} (key {new_id} at {})",
+        image.display(),
+        descriptor.key_id,
+        new_provider.describe()
+    );
+    if revoke_old {
+        old_provider
+            .revoke_kek(&descriptor.key_id)
+            .map_err(KeyError::from)?;
+        println!(
+            "revoked the old key {} at {}",
+            descriptor.key_id,
+            old_provider.describe()
+        );
+    }
+    Ok(())
+}
+
+/// `vmcrypt kms check`: can each server be reached, and does it accept us?
+pub fn kms_check(config: &Path) -> Result<(), CommandError> {
+    let p = vmcrypt_kms::KmipProvider::from_file(config, std::time::Duration::from_secs(5))
+        .map_err(KeyError::from)?;
+    let mut failed = 0;
+    for c in p.check() {
+        match c.result {
+            Ok(info) => println!("{}: ok, client accepted; {info}", c.server),
+            Err(e) => {
+                failed += 1;
+                println!("{}: FAILED: {e}", c.server);
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(CommandError::Invalid(format!(
+            "{failed} of the KMS servers failed the check"
+        )));
+    }
+    Ok(())
+}

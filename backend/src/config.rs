@@ -106,6 +106,17 @@ pub struct ServeOptions {
     #[arg(long, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
 
+    /// KMS configuration file (`[kms]` table: servers, ca, client_cert,
+    /// client_key, timeout_ms): fetch the image's key-encryption key from
+    /// these KMIP servers. Without it, keys come from the local key store.
+    #[arg(long, value_name = "FILE")]
+    pub kms: Option<PathBuf>,
+
+    /// How long to keep retrying unreachable KMS servers at start, in
+    /// seconds, before giving up [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub kms_deadline: Option<u64>,
+
     /// Log level: error, warn, info, debug or trace [default: info; RUST_LOG also works].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -148,6 +159,8 @@ impl ServeOptions {
             passphrase_file: self
                 .passphrase_file
                 .or_else(|| file.passphrase_file.map(|p| relative_to(&path, p))),
+            kms: self.kms.or_else(|| file.kms.map(|p| relative_to(&path, p))),
+            kms_deadline: self.kms_deadline.or(file.kms_deadline),
             config: Some(path),
         })
     }
@@ -277,6 +290,8 @@ impl TryFrom<ServeOptions> for ServeConfig {
             keys: crate::keys::KeySource {
                 passphrase_file: o.passphrase_file,
                 keystore: o.keystore,
+                kms: o.kms,
+                kms_deadline: std::time::Duration::from_secs(o.kms_deadline.unwrap_or(30)),
             },
             poll_us: match o.poll_us.unwrap_or(32) {
                 us if us <= 1000 => us,

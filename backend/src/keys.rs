@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vmcrypt_crypto::luks::{Header, LuksError};
 use vmcrypt_crypto::{Luks, MasterKey, Passphrase};
-use vmcrypt_kms::{KeyProvider, KmsError, LocalKeyStore};
+use vmcrypt_kms::{KeyProvider, KmipProvider, KmsError, LocalKeyStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -130,6 +130,25 @@ pub struct KeySource {
     pub passphrase_file: Option<PathBuf>,
     /// The local key store folder, overriding the descriptor's.
     pub keystore: Option<PathBuf>,
+    /// The KMS configuration for images whose KEK is at a KMIP server.
+    pub kms: Option<PathBuf>,
+    /// How long to keep trying an unreachable KMS.
+    pub kms_deadline: std::time::Duration,
+}
+
+impl KeySource {
+    /// The provider new keys are made at: the KMS if configured, else the local key store.
+    pub fn new_key_provider(&self) -> Result<Box<dyn KeyProvider>, KeyError> {
+        match &self.kms {
+            Some(path) => Ok(Box::new(KmipProvider::from_file(path, self.kms_deadline)?)),
+            None => Ok(Box::new(LocalKeyStore::new(
+                &self
+                    .keystore
+                    .clone()
+                    .unwrap_or_else(LocalKeyStore::default_dir),
+            ))),
+        }
+    }
 }
 
 /// True if the file starts with the LUKS magic.
@@ -165,8 +184,18 @@ pub fn provider_for(
                 .unwrap_or_else(LocalKeyStore::default_dir);
             Ok(Box::new(LocalKeyStore::new(&dir)))
         }
+        "kmip" => match &source.kms {
+            Some(path) => Ok(Box::new(KmipProvider::from_file(
+                path,
+                source.kms_deadline,
+            )?)),
+            None => Err(KeyError::Other(format!(
+                "the key-encryption key ({}) is at a KMIP server: give --kms FILE",
+                d.key_id
+            ))),
+        },
         other => Err(KeyError::Other(format!(
-            "key provider '{other}' is not supported by this build"
+            "unknown key provider '{other}' in the key descriptor"
         ))),
     }
 }
@@ -196,7 +225,7 @@ pub fn passphrase_for(
     }
     let provider = provider_for(&descriptor, source)?;
     tracing::info!(key_id = %descriptor.key_id, provider = %provider.describe(), "fetching the key-encryption key");
-    let kek = provider.get_kek(&descriptor.key_id)?;
+    let kek = provider.get_kek(&descriptor.key_id, Some(&descriptor.key_name))?;
     Ok(Passphrase::from_kek(kek.as_bytes()))
 }
 

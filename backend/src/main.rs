@@ -10,6 +10,34 @@ use vmcrypt::commands;
 use vmcrypt::config::{ServeConfig, ServeOptions};
 use vmcrypt::keys::KeySource;
 
+fn key_source(keystore: Option<PathBuf>, kms: Option<PathBuf>, deadline: u64) -> KeySource {
+    KeySource {
+        passphrase_file: None,
+        keystore,
+        kms,
+        kms_deadline: std::time::Duration::from_secs(deadline),
+    }
+}
+
+/// The provider new KEKs are made at, and the key store folder to record
+/// for a local one.
+fn new_provider(
+    source: &KeySource,
+) -> Result<(Box<dyn vmcrypt_kms::KeyProvider>, Option<PathBuf>), commands::CommandError> {
+    let provider = source.new_key_provider()?;
+    let dir = match source.kms {
+        Some(_) => None,
+        None => {
+            let d = source
+                .keystore
+                .clone()
+                .unwrap_or_else(vmcrypt_kms::LocalKeyStore::default_dir);
+            Some(std::path::absolute(&d).unwrap_or(d))
+        }
+    };
+    Ok((provider, dir))
+}
+
 fn done(r: Result<(), commands::CommandError>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -52,9 +80,41 @@ enum Command {
         size: u64,
         /// Local key store folder [default: $XDG_DATA_HOME/vmcrypt/keys].
         /// Meant for a single host or development.
+        #[arg(long, value_name = "DIR", conflicts_with = "kms")]
+        keystore: Option<PathBuf>,
+        /// Make the KEK at these KMIP servers (KMS configuration file).
+        #[arg(long, value_name = "FILE")]
+        kms: Option<PathBuf>,
+        /// Seconds to keep retrying unreachable KMS servers.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        kms_deadline: u64,
+    },
+
+    /// Shallow rekey: a new KEK and key slot for the same data key.
+    ///
+    /// The old key slot is wiped; with --revoke-old the old KEK is revoked at
+    /// its provider. The new KEK is made at --kms if given, else in the local
+    /// key store. Safe while the image is being served.
+    Rekey {
+        image: PathBuf,
+        /// KMS configuration: where the old KEK is (if the image's key is at a
+        /// KMS) and where the new one is made.
+        #[arg(long, value_name = "FILE")]
+        kms: Option<PathBuf>,
+        /// Local key store folder (for a local old or new KEK).
         #[arg(long, value_name = "DIR")]
         keystore: Option<PathBuf>,
+        /// Revoke the old KEK once the image no longer uses it.
+        #[arg(long)]
+        revoke_old: bool,
+        /// Seconds to keep retrying unreachable KMS servers.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        kms_deadline: u64,
     },
+
+    /// KMS tools.
+    #[command(subcommand)]
+    Kms(KmsCommand),
 
     /// Show what an image is (format, cipher, UUID, capacity, key slots, key id); never a secret.
     Info { image: PathBuf },
@@ -72,6 +132,20 @@ enum Command {
         /// Local key store folder [default: the one in the key descriptor].
         #[arg(long, value_name = "DIR")]
         keystore: Option<PathBuf>,
+        /// KMS configuration, if the image's key is at a KMIP server.
+        #[arg(long, value_name = "FILE")]
+        kms: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KmsCommand {
+    /// Connect to each configured KMS server and show its protocol versions
+    /// and whether it accepts our client certificate: the first thing to run
+    /// when keys do not come.
+    Check {
+        #[arg(long, value_name = "FILE")]
+        kms: PathBuf,
     },
 }
 
@@ -129,23 +203,44 @@ fn main() -> ExitCode {
             image,
             size,
             keystore,
+            kms,
+            kms_deadline,
         } => {
             init_logging(Some("warn"));
-            let store = commands::local_store(keystore.as_deref());
-            let dir = Some(std::path::absolute(store.dir()).unwrap_or_else(|_| store.dir().into()));
-            done(commands::create(&image, size, &store, dir))
+            let source = key_source(keystore, kms, kms_deadline);
+            done(
+                new_provider(&source)
+                    .and_then(|(p, dir)| commands::create(&image, size, p.as_ref(), dir)),
+            )
+        }
+        Command::Rekey {
+            image,
+            kms,
+            keystore,
+            revoke_old,
+            kms_deadline,
+        } => {
+            init_logging(Some("warn"));
+            let source = key_source(keystore, kms, kms_deadline);
+            done(
+                new_provider(&source).and_then(|(p, dir)| {
+                    commands::rekey(&image, &source, p.as_ref(), dir, revoke_old)
+                }),
+            )
+        }
+        Command::Kms(KmsCommand::Check { kms }) => {
+            init_logging(Some("warn"));
+            done(commands::kms_check(&kms))
         }
         Command::Info { image } => done(commands::info(&image)),
         Command::ExportPassphrase {
             image,
             output,
             keystore,
+            kms,
         } => {
             init_logging(Some("warn"));
-            let source = KeySource {
-                passphrase_file: None,
-                keystore,
-            };
+            let source = key_source(keystore, kms, 30);
             done(commands::export_passphrase(&image, &output, &source))
         }
     }

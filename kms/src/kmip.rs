@@ -19,12 +19,13 @@ use std::time::{Duration, Instant};
 
 use kmip_protocol::client::{Client, ClientCertificate, ConnectionSettings, Error as KmipError};
 use kmip_protocol::types::common::{
-    AttributeName, AttributeValue, CryptographicAlgorithm, CryptographicLength, KeyFormatType, KeyMaterial,
-    ObjectType, RevocationReasonCode, State, UniqueIdentifier,
+    AttributeName, AttributeValue, CryptographicAlgorithm, CryptographicLength, KeyFormatType,
+    KeyMaterial, ObjectType, RevocationReasonCode, State, UniqueIdentifier,
 };
 use kmip_protocol::types::request::{
-    self, Attribute, KeyBlock, KeyValue, ManagedObject, ProtocolVersion, ProtocolVersionMajor, ProtocolVersionMinor,
-    QueryFunction, RequestPayload, RevocationReason, SymmetricKey, TemplateAttribute,
+    self, Attribute, KeyBlock, KeyValue, ManagedObject, ProtocolVersion, ProtocolVersionMajor,
+    ProtocolVersionMinor, QueryFunction, RequestPayload, RevocationReason, SymmetricKey,
+    TemplateAttribute,
 };
 use kmip_protocol::types::response::{self as resp, ResponsePayload};
 use serde::Deserialize;
@@ -73,7 +74,9 @@ impl KmipConfig {
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let mut cfg = toml::from_str::<ConfigFile>(&text).map_err(|e| err(e.to_string()))?.kms;
+        let mut cfg = toml::from_str::<ConfigFile>(&text)
+            .map_err(|e| err(e.to_string()))?
+            .kms;
         if cfg.servers.is_empty() {
             return Err(err("no servers listed".into()));
         }
@@ -171,7 +174,11 @@ impl KmipProvider {
             cert: read(&cfg.client_cert)?,
             key: Zeroizing::new(read(&cfg.client_key)?),
         };
-        Ok(KmipProvider { cfg, creds, deadline })
+        Ok(KmipProvider {
+            cfg,
+            creds,
+            deadline,
+        })
     }
 
     pub fn from_file(path: &Path, deadline: Duration) -> Result<Self, KmsError> {
@@ -186,7 +193,11 @@ impl KmipProvider {
         let (host, port) = server.rsplit_once(':').expect("checked in load");
         let timeout = Some(Duration::from_millis(self.cfg.timeout_ms));
         ConnectionSettings {
-            host: self.cfg.server_name.clone().unwrap_or_else(|| host.to_string()),
+            host: self
+                .cfg
+                .server_name
+                .clone()
+                .unwrap_or_else(|| host.to_string()),
             port: port.parse().expect("checked in load"),
             username: None,
             password: None,
@@ -216,21 +227,27 @@ impl KmipProvider {
             .to_socket_addrs()
             .map_err(|e| KmipAttempt::Retry(format!("{server}: {e}")))?
             .collect();
-        let client = kmip_protocol::client::tls::rustls::connect_with_tcpstream_factory(&settings, |_, _| {
-            let mut last = None;
-            for a in &addrs {
-                match TcpStream::connect_timeout(a, timeout) {
-                    Ok(s) => return Ok(s),
-                    Err(e) => last = Some(e),
+        let client = kmip_protocol::client::tls::rustls::connect_with_tcpstream_factory(
+            &settings,
+            |_, _| {
+                let mut last = None;
+                for a in &addrs {
+                    match TcpStream::connect_timeout(a, timeout) {
+                        Ok(s) => return Ok(s),
+                        Err(e) => last = Some(e),
+                    }
                 }
-            }
-            Err(KmipError::ServerError(format!(
-                "I/O error: {}",
-                last.map_or("no address".to_string(), |e| e.to_string())
-            )))
-        })
+                Err(KmipError::ServerError(format!(
+                    "I/O error: {}",
+                    last.map_or("no address".to_string(), |e| e.to_string())
+                )))
+            },
+        )
         .map_err(|e| KmipAttempt::from_kmip(server, &e))?;
-        let conn = Conn { client: &client, server };
+        let conn = Conn {
+            client: &client,
+            server,
+        };
         f(&conn).map_err(|e| match e {
             KmsError::Unreachable { last_error, .. } => KmipAttempt::Retry(last_error),
             other => KmipAttempt::Final(other),
@@ -286,13 +303,14 @@ impl KmipProvider {
     /// Stores an existing KEK under `name` at one server (how a test
     /// replicates a key to a second server of a cluster).
     pub fn register_kek(&self, server: &str, name: &str, kek: &Kek) -> Result<String, KmsError> {
-        self.on_server(server, &|k| k.register(name, kek)).map_err(|e| match e {
-            KmipAttempt::Retry(m) => KmsError::Unreachable {
-                servers: server.into(),
-                last_error: m,
-            },
-            KmipAttempt::Final(e) => e,
-        })
+        self.on_server(server, &|k| k.register(name, kek))
+            .map_err(|e| match e {
+                KmipAttempt::Retry(m) => KmsError::Unreachable {
+                    servers: server.into(),
+                    last_error: m,
+                },
+                KmipAttempt::Final(e) => e,
+            })
     }
 
     /// Destroys a KEK at the first server that answers.
@@ -383,7 +401,9 @@ impl<T: Read + Write> Kmip for Conn<'_, T> {
                 .collect::<Vec<_>>(),
             _ => return Err(self.unexpected("Discover Versions")),
         };
-        let vendor = match self.request(RequestPayload::Query(vec![QueryFunction::QueryServerInformation]))? {
+        let vendor = match self.request(RequestPayload::Query(vec![
+            QueryFunction::QueryServerInformation,
+        ]))? {
             ResponsePayload::Query(q) => q.vendor_identification.unwrap_or_default(),
             _ => String::new(),
         };
@@ -401,7 +421,10 @@ impl<T: Read + Write> Kmip for Conn<'_, T> {
             ),
             Attribute::Name(name.into()),
         ];
-        match self.request(RequestPayload::Create(ObjectType::SymmetricKey, TemplateAttribute::unnamed(attrs)))? {
+        match self.request(RequestPayload::Create(
+            ObjectType::SymmetricKey,
+            TemplateAttribute::unnamed(attrs),
+        ))? {
             ResponsePayload::Create(r) => Ok(r.unique_identifier.0),
             _ => Err(self.unexpected("Create")),
         }
@@ -414,7 +437,10 @@ impl<T: Read + Write> Kmip for Conn<'_, T> {
 
     fn attributes(&self, id: &str) -> Result<(KeyState, Vec<String>), KmsError> {
         let names = vec![AttributeName("State".into()), AttributeName("Name".into())];
-        let r = match self.client.do_request(RequestPayload::GetAttributes(Some(UniqueIdentifier(id.into())), Some(names))) {
+        let r = match self.client.do_request(RequestPayload::GetAttributes(
+            Some(UniqueIdentifier(id.into())),
+            Some(names),
+        )) {
             Ok(ResponsePayload::GetAttributes(r)) => r,
             Ok(_) => return Err(self.unexpected("Get Attributes")),
             Err(KmipError::ItemNotFound(_)) => {
@@ -440,7 +466,9 @@ impl<T: Read + Write> Kmip for Conn<'_, T> {
 
     fn locate(&self, name: &str) -> Result<Vec<String>, KmsError> {
         match self.request(RequestPayload::Locate(vec![Attribute::Name(name.into())]))? {
-            ResponsePayload::Locate(r) => Ok(r.unique_identifiers.into_iter().map(|u| u.0).collect()),
+            ResponsePayload::Locate(r) => {
+                Ok(r.unique_identifiers.into_iter().map(|u| u.0).collect())
+            }
             _ => Err(self.unexpected("Locate")),
         }
     }
@@ -472,8 +500,12 @@ impl<T: Read + Write> Kmip for Conn<'_, T> {
 
     fn revoke(&self, id: &str) -> Result<(), KmsError> {
         let reason = RevocationReason(RevocationReasonCode::CessationOfOperation, None);
-        self.request(RequestPayload::Revoke(Some(UniqueIdentifier(id.into())), reason, None))
-            .map(|_| ())
+        self.request(RequestPayload::Revoke(
+            Some(UniqueIdentifier(id.into())),
+            reason,
+            None,
+        ))
+        .map(|_| ())
     }
 
     fn destroy(&self, id: &str) -> Result<(), KmsError> {

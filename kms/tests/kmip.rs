@@ -7,7 +7,12 @@ use std::time::{Duration, Instant};
 use support::*;
 use vmcrypt_kms::{KeyProvider, KeyState, KmipProvider, KmsError};
 
-fn provider(dir: &std::path::Path, servers: &[String], client: &str, deadline: Duration) -> KmipProvider {
+fn provider(
+    dir: &std::path::Path,
+    servers: &[String],
+    client: &str,
+    deadline: Duration,
+) -> KmipProvider {
     KmipProvider::from_file(&kms_config(dir, servers, client), deadline).unwrap()
 }
 
@@ -17,10 +22,16 @@ fn create_get_revoke_destroy() {
     let s = KmsServer::start(t.path());
     let p = provider(t.path(), &[s.addr()], "client", Duration::from_secs(5));
     let (id, kek) = p.create_kek("vmcrypt:test-1").unwrap();
-    assert_eq!(p.get_kek(&id, Some("vmcrypt:test-1")).unwrap().as_bytes(), kek.as_bytes());
+    assert_eq!(
+        p.get_kek(&id, Some("vmcrypt:test-1")).unwrap().as_bytes(),
+        kek.as_bytes()
+    );
     assert_eq!(p.key_state(&id).unwrap(), KeyState::Active);
     let checks = p.check();
-    assert!(checks[0].result.as_ref().unwrap().contains("KMIP"), "{checks:?}");
+    assert!(
+        checks[0].result.as_ref().unwrap().contains("KMIP"),
+        "{checks:?}"
+    );
     p.revoke_kek(&id).unwrap();
     match p.get_kek(&id, None) {
         Err(KmsError::NotActive { id: i, state }) => {
@@ -31,7 +42,10 @@ fn create_get_revoke_destroy() {
     }
     p.destroy_kek(&id).unwrap();
     assert!(p.get_kek(&id, None).is_err());
-    assert!(matches!(p.get_kek("no-such-key", None), Err(KmsError::NotFound { .. })));
+    assert!(matches!(
+        p.get_kek("no-such-key", None),
+        Err(KmsError::NotFound { .. })
+    ));
 }
 
 #[test]
@@ -44,9 +58,15 @@ fn second_server_serves_a_replicated_key() {
     let pb = provider(t.path(), &[b.addr()], "client", Duration::from_secs(5));
     pb.create_kek("unrelated").unwrap();
     let (id, kek) = pa.create_kek("vmcrypt:replicated").unwrap();
-    pa.register_kek(&b.addr(), "vmcrypt:replicated", &kek).unwrap();
+    pa.register_kek(&b.addr(), "vmcrypt:replicated", &kek)
+        .unwrap();
     a.stop();
-    let cluster = provider(t.path(), &[a.addr(), b.addr()], "client", Duration::from_secs(10));
+    let cluster = provider(
+        t.path(),
+        &[a.addr(), b.addr()],
+        "client",
+        Duration::from_secs(10),
+    );
     let got = cluster.get_kek(&id, Some("vmcrypt:replicated")).unwrap();
     assert_eq!(got.as_bytes(), kek.as_bytes());
 }
@@ -55,12 +75,26 @@ fn second_server_serves_a_replicated_key() {
 fn a_client_from_another_ca_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let s = KmsServer::start(t.path());
-    let p = provider(t.path(), &[s.addr()], "other-client", Duration::from_secs(30));
+    let p = provider(
+        t.path(),
+        &[s.addr()],
+        "other-client",
+        Duration::from_secs(30),
+    );
     let start = Instant::now();
     let err = p.create_kek("x").unwrap_err().to_string();
     // A definite refusal: no retrying until the deadline.
-    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
-    assert!(err.contains(&s.addr()) && err.contains("TLS handshake failed") && err.contains("UnknownCA"), "{err}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        err.contains(&s.addr())
+            && err.contains("TLS handshake failed")
+            && err.contains("UnknownCA"),
+        "{err}"
+    );
     let check = p.check();
     assert!(check[0].result.is_err(), "{check:?}");
 }
@@ -75,6 +109,12 @@ fn a_down_kms_gives_a_clear_error_within_the_deadline() {
     let took = start.elapsed();
     assert!(matches!(err, KmsError::Unreachable { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("localhost:1") && msg.contains("localhost:2"), "{msg}");
-    assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(4), "{took:?}");
+    assert!(
+        msg.contains("localhost:1") && msg.contains("localhost:2"),
+        "{msg}"
+    );
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
 }

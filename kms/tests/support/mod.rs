@@ -9,7 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The set-up folder (venv, certificates), made once.
@@ -30,7 +33,11 @@ pub fn kms_dir() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A PyKMIP server, stopped (SIGINT, then SIGKILL) when dropped.
@@ -79,7 +86,10 @@ impl KmsServer {
                     panic!("PyKMIP exited ({st}); see {}", s.db_dir.display());
                 }
             }
-            assert!(Instant::now() < deadline, "PyKMIP did not start on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "PyKMIP did not start on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         s
