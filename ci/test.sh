@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 bash ci/install-deps.sh
 # PyKMIP in a venv and a throwaway PKI; the tests start their own servers.
 bash ci/kms.sh setup target/kms
+bash ci/libvirt.sh
 
 echo "== format and lints"
 cargo fmt --all -- --check

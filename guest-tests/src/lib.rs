@@ -5,9 +5,10 @@
 //! codes) comes back over the serial console.
 
 pub mod guest;
+pub mod libvirt;
 pub mod vm;
 pub mod vmcrypt;
 
 pub use guest::GuestImage;
-pub use vm::{Accel, Disk, GuestRun, Vm};
+pub use vm::{Accel, Disk, GuestRun, RunningVm, Vm};
 pub use vmcrypt::Vmcrypt;

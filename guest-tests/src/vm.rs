@@ -83,6 +83,77 @@ pub struct Vm {
     pub extra: Vec<String>,
 }
 
+/// A booted guest.
+pub struct RunningVm {
+    child: std::process::Child,
+    console: PathBuf,
+    qemu_err: PathBuf,
+    start: Instant,
+    timeout: Duration,
+}
+
+impl RunningVm {
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits until the console shows `marker`.
+    pub fn wait_for(&mut self, marker: &str) -> Result<(), String> {
+        loop {
+            if self.console().contains(marker) {
+                return Ok(());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(format!(
+                    "guest stopped ({st}) before '{marker}':\n{}",
+                    self.console()
+                ));
+            }
+            if self.start.elapsed() > self.timeout {
+                return Err(format!(
+                    "no '{marker}' within {:?}:\n{}",
+                    self.timeout,
+                    self.console()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the guest to power off and collects what it printed.
+    pub fn finish(mut self) -> Result<GuestRun, String> {
+        let status = loop {
+            if let Some(s) = self.child.try_wait().map_err(|e| e.to_string())? {
+                break Some(s);
+            }
+            if self.start.elapsed() > self.timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let console = self.console();
+        let qemu_err = std::fs::read_to_string(&self.qemu_err).unwrap_or_default();
+        GuestRun::from_console(
+            console,
+            self.start.elapsed().as_secs_f64(),
+            status.is_some(),
+            self.timeout,
+            &qemu_err,
+        )
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// What a guest run printed.
 #[derive(Debug)]
 pub struct GuestRun {
@@ -93,6 +164,40 @@ pub struct GuestRun {
 }
 
 impl GuestRun {
+    /// Reads the script's exit code from a console log; an error if the
+    /// guest timed out or stopped before its script finished.
+    pub fn from_console(
+        console: String,
+        seconds: f64,
+        exited: bool,
+        timeout: Duration,
+        extra: &str,
+    ) -> Result<GuestRun, String> {
+        let rc = console.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix("=== GUEST-EXIT rc=")
+                .and_then(|v| v.trim().parse().ok())
+        });
+        let run = GuestRun {
+            console,
+            rc,
+            seconds,
+        };
+        if !exited {
+            return Err(format!(
+                "guest did not finish within {timeout:?}; console:\n{}\n{extra}",
+                run.tail()
+            ));
+        }
+        if run.rc.is_none() {
+            return Err(format!(
+                "guest stopped before its script finished; console:\n{}\n{extra}",
+                run.tail()
+            ));
+        }
+        Ok(run)
+    }
+
     /// The lines a script printed between `=== BEGIN name` and `=== END name`.
     pub fn section(&self, name: &str) -> Option<String> {
         let begin = format!("=== BEGIN {name}");
@@ -216,52 +321,27 @@ impl Vm {
 
     /// Boots the guest, runs `script` in it and waits for it to power off.
     pub fn run(&self, script: &str, work: &Path) -> Result<GuestRun, String> {
+        self.spawn(script, work)?.finish()
+    }
+
+    /// Boots the guest with `script` and returns while it runs.
+    pub fn spawn(&self, script: &str, work: &Path) -> Result<RunningVm, String> {
         let initrd = self.image.with_script(script, work)?;
         let console = work.join("console.log");
         let _ = std::fs::remove_file(&console);
-        let qemu_log = work.join("qemu.log");
-        let mut child = self
+        let child = self
             .command(&initrd, &console)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&qemu_log).unwrap())
+            .stdout(std::fs::File::create(work.join("qemu.log")).unwrap())
             .stderr(std::fs::File::create(work.join("qemu.err")).unwrap())
             .spawn()
             .map_err(|e| format!("starting qemu-system-x86_64: {e}"))?;
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
-                break Some(s);
-            }
-            if start.elapsed() > self.timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let run = GuestRun {
-            console: std::fs::read_to_string(&console).unwrap_or_default(),
-            rc: None,
-            seconds: start.elapsed().as_secs_f64(),
-        };
-        let rc = run.console.lines().find_map(|l| {
-            l.trim()
-                .strip_prefix("=== GUEST-EXIT rc=")
-                .and_then(|v| v.trim().parse().ok())
-        });
-        let run = GuestRun { rc, ..run };
-        let qemu_err = std::fs::read_to_string(work.join("qemu.err")).unwrap_or_default();
-        match status {
-            None => Err(format!(
-                "guest did not finish within {:?}; console:\n{}\nqemu stderr:\n{qemu_err}",
-                self.timeout,
-                run.tail()
-            )),
-            Some(s) if run.rc.is_none() => Err(format!(
-                "guest stopped ({s}) before its script finished; console:\n{}\nqemu stderr:\n{qemu_err}",
-                run.tail()
-            )),
-            Some(_) => Ok(run),
-        }
+        Ok(RunningVm {
+            child,
+            console,
+            qemu_err: work.join("qemu.err"),
+            start: Instant::now(),
+            timeout: self.timeout,
+        })
     }
 }

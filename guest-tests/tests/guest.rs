@@ -120,3 +120,274 @@ fn encrypted_disk_boots_and_fio_verify_passes() {
     assert_eq!(fio_errors(&fio), 0);
     assert!(d.stop().success());
 }
+
+fn start_encrypted(work: &Path, size: &str, extra: &[&str]) -> (std::path::PathBuf, Vmcrypt) {
+    let img = encrypted_image(work, "disk.img", size);
+    let mut args = vec!["--image", img.to_str().unwrap(), "--num-queues", "2"];
+    args.extend_from_slice(extra);
+    let d = Vmcrypt::start(work, "vmcrypt", &args).unwrap();
+    (img, d)
+}
+
+fn check(run: &guest_tests::GuestRun, d: &Vmcrypt) {
+    assert_eq!(
+        run.rc,
+        Some(0),
+        "guest script failed:\n{}\nvmcrypt log:\n{}",
+        run.tail(),
+        d.log_text()
+    );
+}
+
+#[test]
+fn persistence_ext4_across_a_vmcrypt_restart() {
+    let (image, accel, _lock) = setup();
+    let work = tempfile::tempdir().unwrap();
+    let (img, d) = start_encrypted(work.path(), "256M", &[]);
+    let mut vm = Vm::new(&image, accel);
+    vm.disks.push(Disk::new(&d.socket));
+    let write = r#"
+mkfs.ext4 -q -F /dev/vda || exit 10
+mount -t ext4 /dev/vda /mnt || exit 11
+for i in 1 2 3 4 5; do dd if=/dev/urandom of=/mnt/file$i bs=64k count=$((i * 16)) 2>/dev/null || exit 12; done
+mkdir -p /mnt/dir/sub && echo hello > /mnt/dir/sub/note
+(cd /mnt && sha256sum file1 file2 file3 file4 file5 dir/sub/note > SUMS) || exit 13
+echo "=== BEGIN sums"; cat /mnt/SUMS; echo "=== END sums"
+sync
+umount /mnt || exit 14
+"#;
+    let run = vm.run(write, work.path()).unwrap();
+    check(&run, &d);
+    let sums = run.section("sums").unwrap();
+    assert_eq!(sums.lines().count(), 6, "{sums}");
+    assert!(d.stop().success(), "vmcrypt did not exit cleanly");
+
+    let d = Vmcrypt::start(
+        work.path(),
+        "vmcrypt",
+        &["--image", img.to_str().unwrap(), "--num-queues", "2"],
+    )
+    .unwrap();
+    let verify = r#"
+e2fsck -n /dev/vda > /tmp/fsck.log 2>&1; echo "e2fsck rc=$?"
+mount -t ext4 /dev/vda /mnt || exit 11
+echo "=== BEGIN check"; (cd /mnt && sha256sum -c SUMS) 2>&1; rc=$?; echo "=== END check"
+umount /mnt
+exit $rc
+"#;
+    let run = vm.run(verify, work.path()).unwrap();
+    eprintln!("{}", run.section("check").unwrap_or_default());
+    check(&run, &d);
+    assert!(run.console.contains("e2fsck rc=0"), "{}", run.tail());
+    assert!(d.stop().success());
+}
+
+#[test]
+fn discard_and_write_zeroes_from_the_guest() {
+    let (image, accel, _lock) = setup();
+    let work = tempfile::tempdir().unwrap();
+    let (_img, d) = start_encrypted(work.path(), "64M", &[]);
+    let mut vm = Vm::new(&image, accel);
+    vm.disks.push(Disk::new(&d.socket));
+    let script = r#"
+echo "discard_max_bytes=$(cat /sys/block/vda/queue/discard_max_bytes) write_zeroes_max_bytes=$(cat /sys/block/vda/queue/write_zeroes_max_bytes)"
+[ "$(cat /sys/block/vda/queue/discard_max_bytes)" -gt 0 ] || exit 9
+dd if=/dev/urandom of=/dev/vda bs=1M count=16 conv=fsync 2>/dev/null || exit 10
+/usr/sbin/blkdiscard -o 1048576 -l 4194304 /dev/vda || exit 11
+/usr/sbin/blkdiscard -z -o 8388608 -l 4194304 /dev/vda || exit 12
+echo 3 > /proc/sys/vm/drop_caches
+zero4=$(head -c 4194304 /dev/zero | sha256sum | cut -d' ' -f1)
+zero1=$(head -c 1048576 /dev/zero | sha256sum | cut -d' ' -f1)
+got=$(dd if=/dev/vda bs=1M skip=8 count=4 2>/dev/null | sha256sum | cut -d' ' -f1)
+echo "zeroed range: $got"
+[ "$got" = "$zero4" ] || exit 13
+around=$(dd if=/dev/vda bs=1M skip=7 count=1 2>/dev/null | sha256sum | cut -d' ' -f1)
+after=$(dd if=/dev/vda bs=1M skip=12 count=1 2>/dev/null | sha256sum | cut -d' ' -f1)
+[ "$around" != "$zero1" ] && [ "$after" != "$zero1" ] || exit 14
+dd if=/dev/vda bs=1M skip=1 count=4 of=/dev/null 2>/dev/null || exit 15
+"#;
+    let run = vm.run(script, work.path()).unwrap();
+    eprintln!(
+        "{}",
+        run.console
+            .lines()
+            .filter(|l| l.contains("max_bytes"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    check(&run, &d);
+}
+
+#[test]
+fn read_only_disk_refuses_guest_writes() {
+    let (image, accel, _lock) = setup();
+    let work = tempfile::tempdir().unwrap();
+    let img = raw_image(work.path(), "ro.img", 64 << 20);
+    std::fs::write(&img, vec![0x5au8; 64 << 20]).unwrap();
+    let d = Vmcrypt::start(
+        work.path(),
+        "vmcrypt",
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--read-only",
+            "--num-queues",
+            "2",
+        ],
+    )
+    .unwrap();
+    let mut vm = Vm::new(&image, accel);
+    vm.disks.push(Disk::new(&d.socket));
+    let script = r#"
+ro=$(cat /sys/block/vda/ro); echo "ro=$ro"; [ "$ro" = 1 ] || exit 10
+if dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=fsync 2>/dev/null; then exit 11; fi
+echo "write refused"
+dd if=/dev/vda of=/dev/null bs=1M count=16 2>/dev/null || exit 12
+"#;
+    let run = vm.run(script, work.path()).unwrap();
+    check(&run, &d);
+    assert!(run.console.contains("write refused"));
+    assert!(d.stop().success());
+    assert!(
+        std::fs::read(&img).unwrap().iter().all(|&b| b == 0x5a),
+        "the image changed"
+    );
+}
+
+#[test]
+fn no_plaintext_reaches_the_host() {
+    let (image, accel, _lock) = setup();
+    let work = tempfile::tempdir().unwrap();
+    // vda: a raw control disk, vdb: the encrypted disk; the guest writes the
+    // same pattern to both.
+    let raw = raw_image(work.path(), "raw.img", 64 << 20);
+    let dr = Vmcrypt::start(
+        work.path(),
+        "raw",
+        &["--image", raw.to_str().unwrap(), "--num-queues", "2"],
+    )
+    .unwrap();
+    let (enc, de) = start_encrypted(work.path(), "64M", &[]);
+    let mut vm = Vm::new(&image, accel);
+    vm.disks.push(Disk::new(&dr.socket));
+    vm.disks.push(Disk::new(&de.socket));
+    let script = r#"
+for i in $(seq 1 30); do [ -b /dev/vdb ] && break; sleep 0.1; done
+echo "=== BEGIN fio"
+fio --output-format=json --ioengine=libaio --direct=1 --iodepth=8 --rw=write --bs=64k --size=32M \
+    --verify=pattern --verify_pattern=0x766d637279707421 --do_verify=1 --verify_fatal=1 \
+    --name=raw --filename=/dev/vda --name=encrypted --filename=/dev/vdb
+rc=$?
+echo "=== END fio"
+exit $rc
+"#;
+    let run = vm.run(script, work.path()).unwrap();
+    let fio = run.fio("fio").unwrap();
+    eprint!("{}", fio_summary(&fio));
+    check(&run, &de);
+    assert_eq!(fio_errors(&fio), 0);
+    assert!(dr.stop().success() && de.stop().success());
+    let marker = b"vmcrypt!";
+    let count = |bytes: &[u8]| bytes.windows(8).filter(|w| w == marker).count();
+    let raw_hits = count(&std::fs::read(&raw).unwrap());
+    let enc_hits = count(&std::fs::read(&enc).unwrap());
+    eprintln!("pattern found: raw image {raw_hits} times, encrypted image {enc_hits} times");
+    assert!(
+        raw_hits > 1000,
+        "the control disk should hold the plaintext pattern"
+    );
+    assert_eq!(enc_hits, 0, "plaintext in the encrypted image");
+}
+
+#[test]
+fn libvirt_domain_runs_fio_verify() {
+    let (image, accel, _lock) = setup();
+    let st = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../ci/libvirt.sh"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "libvirtd is not available (ci/libvirt.sh)");
+    let work = tempfile::tempdir().unwrap();
+    // QEMU runs as libvirt-qemu (group kvm): it must reach the socket, the
+    // kernel and the initrd.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_img, d) = start_encrypted(
+        work.path(),
+        "256M",
+        &["--socket-group", "kvm", "--socket-mode", "0660"],
+    );
+    let initrd = image.with_script(FIO_VERIFY, work.path()).unwrap();
+    std::fs::set_permissions(&initrd, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let name = format!("vmcrypt-test-{}", std::process::id());
+    let console = work.path().join("console.log");
+    let run = guest_tests::libvirt::run(
+        &name,
+        accel,
+        &image.kernel,
+        &initrd,
+        &d.socket,
+        &console,
+        work.path(),
+        std::time::Duration::from_secs(300),
+    )
+    .unwrap_or_else(|e| panic!("{e}\nvmcrypt log:\n{}", d.log_text()));
+    let fio = run.fio("fio").unwrap();
+    eprint!("{}", fio_summary(&fio));
+    check(&run, &d);
+    assert_eq!(fio_errors(&fio), 0);
+}
+
+#[test]
+fn the_readme_shows_the_tested_domain_xml() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    assert!(
+        readme.contains(guest_tests::libvirt::DOMAIN_XML.trim()),
+        "README's domain XML differs from the tested one"
+    );
+}
+
+#[test]
+fn vmcrypt_restarts_while_the_guest_idles() {
+    let (image, accel, _lock) = setup();
+    let work = tempfile::tempdir().unwrap();
+    let (img, d) = start_encrypted(work.path(), "256M", &[]);
+    let mut vm = Vm::new(&image, accel);
+    let mut disk = Disk::new(&d.socket);
+    disk.reconnect = true;
+    vm.disks.push(disk);
+    let script = format!(
+        r#"
+dd if=/dev/urandom of=/dev/vda bs=1M count=8 conv=fsync 2>/dev/null || exit 9
+before=$(dd if=/dev/vda bs=1M count=8 2>/dev/null | sha256sum)
+echo "=== IDLE"
+sleep 15
+echo 3 > /proc/sys/vm/drop_caches
+after=$(dd if=/dev/vda bs=1M count=8 2>/dev/null | sha256sum)
+[ "$before" = "$after" ] || exit 8
+{FIO_VERIFY}"#
+    );
+    let mut running = vm.spawn(&script, work.path()).unwrap();
+    running.wait_for("=== IDLE").unwrap();
+    assert!(d.stop().success(), "vmcrypt did not stop cleanly");
+    let d = Vmcrypt::start_on(
+        &work.path().join("vmcrypt.sock"),
+        work.path(),
+        "vmcrypt",
+        &["--image", img.to_str().unwrap(), "--num-queues", "2"],
+    )
+    .unwrap();
+    let run = running
+        .finish()
+        .unwrap_or_else(|e| panic!("{e}\nvmcrypt log:\n{}", d.log_text()));
+    let fio = run.fio("fio").unwrap();
+    eprint!("{}", fio_summary(&fio));
+    check(&run, &d);
+    assert_eq!(fio_errors(&fio), 0);
+    assert!(
+        d.log_text().matches("frontend connected").count() >= 2,
+        "QEMU did not reconnect:\n{}",
+        d.log_text()
+    );
+}
