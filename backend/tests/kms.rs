@@ -40,6 +40,20 @@ fn create(dir: &Path, conf: &Path) -> PathBuf {
     img
 }
 
+/// `vmcrypt serve` of `img` with the KEK from the KMS in `conf`.
+fn serve_kms(dir: &Path, name: &str, img: &Path, conf: &Path) -> Daemon {
+    Daemon::start(
+        dir,
+        name,
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--kms",
+            conf.to_str().unwrap(),
+        ],
+    )
+}
+
 fn descriptor(img: &Path) -> KeyDescriptor {
     KeyDescriptor::load(img).unwrap().unwrap()
 }
@@ -87,16 +101,7 @@ fn create_serve_stop_serve_again_with_the_kek_from_the_kms() {
     let (created_conns, created_ops) = ops(&kms);
 
     let started = Instant::now();
-    let daemon = Daemon::start(
-        t.path(),
-        "a",
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--kms",
-            conf.to_str().unwrap(),
-        ],
-    );
+    let daemon = serve_kms(t.path(), "a", &img, &conf);
     eprintln!(
         "serve start to ready socket with KMIP: {:?}",
         started.elapsed()
@@ -140,16 +145,7 @@ fn create_serve_stop_serve_again_with_the_kek_from_the_kms() {
     assert!(took < Duration::from_secs(6), "{took:?}");
     // ...and works again once it is back.
     let kms = KmsServer::start_on(t.path(), kms.port);
-    let daemon = Daemon::start(
-        t.path(),
-        "b",
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--kms",
-            conf.to_str().unwrap(),
-        ],
-    );
+    let daemon = serve_kms(t.path(), "b", &img, &conf);
     let mut f = Frontend::connect(&daemon.socket, 1, MIB as usize);
     assert_eq!(f.read(0, MIB, 0, 65536), 0);
     assert_eq!(f.buf(0, 65536), &pattern(1, 65536)[..]);
@@ -180,16 +176,7 @@ fn a_replica_serves_when_the_first_server_is_down() {
         .unwrap();
     a.stop();
     let cluster = kms_config(t.path(), &[a.addr(), b.addr()], "client");
-    let daemon = Daemon::start(
-        t.path(),
-        "a",
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--kms",
-            cluster.to_str().unwrap(),
-        ],
-    );
+    let daemon = serve_kms(t.path(), "a", &img, &cluster);
     let mut f = Frontend::connect(&daemon.socket, 1, MIB as usize);
     assert_eq!(f.capacity, 16 * MIB);
     f.buf(0, 4096).fill(7);
@@ -268,16 +255,7 @@ fn rekey_while_served_then_the_old_kek_no_longer_opens_the_image() {
     let old = descriptor(&img);
     let old_kek = provider(&conf).get_kek(&old.key_id, None).unwrap();
 
-    let daemon = Daemon::start(
-        t.path(),
-        "a",
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--kms",
-            conf.to_str().unwrap(),
-        ],
-    );
+    let daemon = serve_kms(t.path(), "a", &img, &conf);
     let mut f = Frontend::connect(&daemon.socket, 1, MIB as usize);
     f.buf(0, 65536).copy_from_slice(&pattern(9, 65536));
     assert_eq!(f.write(0, 0, 0, 65536), 0);
@@ -322,16 +300,7 @@ fn rekey_while_served_then_the_old_kek_no_longer_opens_the_image() {
     );
     assert!(err.contains("no key slot opens"), "{err}");
     // The new one does, with the data intact.
-    let daemon = Daemon::start(
-        t.path(),
-        "b",
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--kms",
-            conf.to_str().unwrap(),
-        ],
-    );
+    let daemon = serve_kms(t.path(), "b", &img, &conf);
     let mut f = Frontend::connect(&daemon.socket, 1, MIB as usize);
     assert_eq!(f.read(0, 0, 0, 65536), 0);
     assert_eq!(f.buf(0, 65536), &pattern(9, 65536)[..]);

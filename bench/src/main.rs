@@ -5,6 +5,7 @@
 //! alternation (A B A B ...), so drift on a shared machine hits both alike;
 //! the report gives ratios from the same run.
 
+mod chart;
 mod driver;
 mod server;
 mod xts;
@@ -111,6 +112,7 @@ struct Cell {
     iops: f64,
     mb_s: f64,
     mean_us: f64,
+    p50_us: f64,
     p99_us: f64,
     cpu_us_per_io: f64,
 }
@@ -247,9 +249,29 @@ fn summarize(
         iops: rounds.iter().map(|m| m.iops).sum::<f64>() / n,
         mb_s: rounds.iter().map(|m| m.mb_s).sum::<f64>() / n,
         mean_us: rounds.iter().map(|m| m.mean_us).sum::<f64>() / n,
+        p50_us: rounds.iter().map(|m| m.p50_us).sum::<f64>() / n,
         p99_us: rounds.iter().map(|m| m.p99_us).sum::<f64>() / n,
         cpu_us_per_io: if ios > 0 { cpu * 1e6 / ios as f64 } else { 0.0 },
         rounds,
+    }
+}
+
+/// The goal an issue sets for a ratio, if any.
+fn goal_for(name: &str) -> Option<f64> {
+    if name.starts_with("vmcrypt null / QSD null-co: randread4k-qd32 q1") {
+        Some(1.5)
+    } else if name.starts_with("vmcrypt raw / QSD raw: randread4k-qd32 q1") {
+        Some(1.0)
+    } else if name.starts_with("vmcrypt encrypted / QSD luks: randread4k-qd32 q1") {
+        Some(2.0)
+    } else if name.starts_with("vmcrypt encrypted / vmcrypt raw:") {
+        Some(if name.contains("128k") { 0.8 } else { 0.9 })
+    } else if name.starts_with("XTS: vmcrypt encrypt (4 KiB requests)") {
+        Some(1.5)
+    } else if name.starts_with("XTS: vmcrypt encrypt (512-byte") {
+        Some(1.3)
+    } else {
+        None
     }
 }
 
@@ -357,11 +379,11 @@ fn main() {
     };
 
     let mut md = String::new();
-    md.push_str("| target | workload | queues | server | IOPS | MB/s | mean µs | p99 µs | server CPU µs/IO |\n");
-    md.push_str("|---|---|---|---|---:|---:|---:|---:|---:|\n");
+    md.push_str("| target | workload | queues | server | IOPS | MB/s | mean µs | p50 µs | p99 µs | server CPU µs/IO |\n");
+    md.push_str("|---|---|---|---|---:|---:|---:|---:|---:|---:|\n");
     for c in &cells {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
+            "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |\n",
             c.target,
             c.workload.name,
             c.queues,
@@ -369,9 +391,26 @@ fn main() {
             c.iops,
             c.mb_s,
             c.mean_us,
+            c.p50_us,
             c.p99_us,
             c.cpu_us_per_io
         ));
+    }
+    // Queue depth 1 latency: encrypted vmcrypt against unencrypted QSD.
+    for q in &args.queues {
+        let find = |server: &str| {
+            cells.iter().find(|c| {
+                c.server == server && c.workload.name == "randread4k-qd1" && c.queues == *q
+            })
+        };
+        if let (Some(e), Some(r)) = (find("vmcrypt encrypted"), find("QSD raw")) {
+            md.push_str(&format!(
+                "\nQD1 4k random read p50, q{q}: vmcrypt encrypted {:.1} µs, QSD raw {:.1} µs ({:+.1} µs; goal: at most +5 µs)\n",
+                e.p50_us,
+                r.p50_us,
+                e.p50_us - r.p50_us
+            ));
+        }
     }
     md.push_str("\n| ratio (IOPS) | value |\n|---|---:|\n");
     for (name, r) in &ratios {
@@ -382,6 +421,22 @@ fn main() {
     }
     print!("{md}");
     std::fs::write(dir.join("bench.md"), &md).expect("write bench.md");
+    let mut chart_rows: Vec<(String, f64, Option<f64>)> = ratios
+        .iter()
+        .map(|(n, r)| (n.clone(), *r, goal_for(n)))
+        .collect();
+    if let Some(x) = &xts_report {
+        chart_rows.extend(
+            x.ratios
+                .iter()
+                .map(|(n, r)| (format!("XTS: {n}"), *r, goal_for(&format!("XTS: {n}")))),
+        );
+    }
+    std::fs::write(
+        dir.join("bench.svg"),
+        chart::ratios_svg("vmcrypt against its peers", &chart_rows),
+    )
+    .expect("write bench.svg");
     let json = serde_json::json!({ "cells": cells, "ratios": ratios, "xts": xts_report });
     std::fs::write(
         dir.join("bench.json"),

@@ -63,10 +63,7 @@ fn raw_disk_boots_and_fio_verify_passes() {
         "{}",
         run.tail()
     );
-    let fio = run.fio("fio").unwrap();
-    eprint!("{}", fio_summary(&fio));
-    assert_eq!(run.rc, Some(0), "{}", run.tail());
-    assert_eq!(fio_errors(&fio), 0);
+    expect_fio_verify(&run, &d);
     assert!(d.stop().success());
 }
 
@@ -114,10 +111,7 @@ fn encrypted_disk_boots_and_fio_verify_passes() {
         "{}",
         run.tail()
     );
-    let fio = run.fio("fio").unwrap();
-    eprint!("{}", fio_summary(&fio));
-    assert_eq!(run.rc, Some(0), "{}", run.tail());
-    assert_eq!(fio_errors(&fio), 0);
+    expect_fio_verify(&run, &d);
     assert!(d.stop().success());
 }
 
@@ -127,6 +121,14 @@ fn start_encrypted(work: &Path, size: &str, extra: &[&str]) -> (std::path::PathB
     args.extend_from_slice(extra);
     let d = Vmcrypt::start(work, "vmcrypt", &args).unwrap();
     (img, d)
+}
+
+/// The guest script passed and fio (section "fio") verified without errors.
+fn expect_fio_verify(run: &guest_tests::GuestRun, d: &Vmcrypt) {
+    let fio = run.fio("fio").unwrap();
+    eprint!("{}", fio_summary(&fio));
+    check(run, d);
+    assert_eq!(fio_errors(&fio), 0);
 }
 
 fn check(run: &guest_tests::GuestRun, d: &Vmcrypt) {
@@ -332,10 +334,7 @@ fn libvirt_domain_runs_fio_verify() {
         std::time::Duration::from_secs(300),
     )
     .unwrap_or_else(|e| panic!("{e}\nvmcrypt log:\n{}", d.log_text()));
-    let fio = run.fio("fio").unwrap();
-    eprint!("{}", fio_summary(&fio));
-    check(&run, &d);
-    assert_eq!(fio_errors(&fio), 0);
+    expect_fio_verify(&run, &d);
 }
 
 #[test]
@@ -381,10 +380,7 @@ after=$(dd if=/dev/vda bs=1M count=8 2>/dev/null | sha256sum)
     let run = running
         .finish()
         .unwrap_or_else(|e| panic!("{e}\nvmcrypt log:\n{}", d.log_text()));
-    let fio = run.fio("fio").unwrap();
-    eprint!("{}", fio_summary(&fio));
-    check(&run, &d);
-    assert_eq!(fio_errors(&fio), 0);
+    expect_fio_verify(&run, &d);
     assert!(
         d.log_text().matches("frontend connected").count() >= 2,
         "QEMU did not reconnect:\n{}",

@@ -110,11 +110,13 @@ struct Cursor<'a> {
 }
 
 impl Cursor<'_> {
-    /// The next sector as one contiguous pointer, if it does not straddle buffers.
-    fn contiguous(&self) -> Option<*mut u8> {
+    /// The next whole sectors (at most `max`) that lie in one buffer: their
+    /// start and count, or None if the next sector straddles buffers.
+    fn contiguous(&self, max: usize) -> Option<(*mut u8, usize)> {
         let iov = self.iovs.get(self.i)?;
+        let n = ((iov.len - self.off) / SECTOR).min(max);
         // SAFETY: off < iov.len, so the pointer stays inside the buffer.
-        (iov.len - self.off >= SECTOR).then(|| unsafe { iov.base.add(self.off) })
+        (n > 0).then(|| (unsafe { iov.base.add(self.off) }, n))
     }
 
     fn advance(&mut self, mut n: usize) {
@@ -153,23 +155,29 @@ impl Cursor<'_> {
     }
 }
 
-/// Encrypts the data in `iovs` (whole sectors) into `dst`.
+/// Encrypts the data in `iovs` (whole sectors) into `dst`, handing the
+/// engine whole runs of sectors that lie in one guest buffer.
 fn encrypt_from_iovs(xts: &mut Xts, first: u64, iovs: &[Iov], dst: &mut [u8]) {
     let mut c = Cursor { iovs, i: 0, off: 0 };
     let mut tmp = [0u8; SECTOR];
-    for (n, out) in dst.chunks_exact_mut(SECTOR).enumerate() {
-        let sector = first + n as u64;
-        match c.contiguous() {
-            Some(src) => {
-                // SAFETY: src is readable for SECTOR bytes (guest buffer),
-                // out is a distinct SECTOR-byte slice of the bounce buffer.
-                unsafe { xts.encrypt_sector_raw(sector, src, out.as_mut_ptr()) };
-                c.advance(SECTOR);
+    let total = dst.len() / SECTOR;
+    let mut done = 0;
+    while done < total {
+        let out = dst[done * SECTOR..].as_mut_ptr();
+        let sector = first + done as u64;
+        match c.contiguous(total - done) {
+            Some((src, n)) => {
+                // SAFETY: src is readable for n sectors (one guest buffer),
+                // out is a distinct part of the bounce buffer with room for them.
+                unsafe { xts.encrypt_sectors_raw(sector, n, src, out) };
+                c.advance(n * SECTOR);
+                done += n;
             }
             None => {
                 c.copy_sector(&mut tmp, false);
                 // SAFETY: tmp and out are distinct SECTOR-byte buffers.
-                unsafe { xts.encrypt_sector_raw(sector, tmp.as_ptr(), out.as_mut_ptr()) };
+                unsafe { xts.encrypt_sector_raw(sector, tmp.as_ptr(), out) };
+                done += 1;
             }
         }
     }
@@ -177,17 +185,19 @@ fn encrypt_from_iovs(xts: &mut Xts, first: u64, iovs: &[Iov], dst: &mut [u8]) {
 
 /// Decrypts the data in `iovs` (whole sectors) in place.
 fn decrypt_iovs(xts: &mut Xts, first: u64, iovs: &[Iov]) {
-    let total: usize = iovs.iter().map(|i| i.len).sum();
+    let total = iovs.iter().map(|i| i.len).sum::<usize>() / SECTOR;
     let mut c = Cursor { iovs, i: 0, off: 0 };
     let mut tmp = [0u8; SECTOR];
-    for n in 0..total / SECTOR {
-        let sector = first + n as u64;
-        match c.contiguous() {
-            Some(p) => {
-                // SAFETY: p is a SECTOR-byte device-writable guest buffer,
-                // decrypted in place.
-                unsafe { xts.decrypt_sector_raw(sector, p, p) };
-                c.advance(SECTOR);
+    let mut done = 0;
+    while done < total {
+        let sector = first + done as u64;
+        match c.contiguous(total - done) {
+            Some((p, n)) => {
+                // SAFETY: p is n device-writable sectors of one guest
+                // buffer, decrypted in place.
+                unsafe { xts.decrypt_sectors_raw(sector, n, p, p) };
+                c.advance(n * SECTOR);
+                done += n;
             }
             None => {
                 let mut back = Cursor {
@@ -199,6 +209,7 @@ fn decrypt_iovs(xts: &mut Xts, first: u64, iovs: &[Iov]) {
                 // SAFETY: in place over the SECTOR-byte tmp buffer.
                 unsafe { xts.decrypt_sector_raw(sector, tmp.as_ptr(), tmp.as_mut_ptr()) };
                 back.copy_sector(&mut tmp, true);
+                done += 1;
             }
         }
     }
