@@ -198,7 +198,13 @@ impl VaesXts {
             for i in 0..batch {
                 let off = (done + i) * 512;
                 // SAFETY: the sector [off, off + 512) is inside both buffers.
-                unsafe { self.sector(encrypt, tweaks[i], src.add(off), dst.add(off)) };
+                unsafe {
+                    if encrypt {
+                        self.sector::<true>(tweaks[i], src.add(off), dst.add(off))
+                    } else {
+                        self.sector::<false>(tweaks[i], src.add(off), dst.add(off))
+                    }
+                };
             }
             done += batch;
         }
@@ -206,7 +212,8 @@ impl VaesXts {
 
     #[inline]
     #[target_feature(enable = "avx512f,vaes,aes")]
-    unsafe fn sector(&self, encrypt: bool, t0: u128, src: *const u8, dst: *mut u8) {
+    unsafe fn sector<const ENCRYPT: bool>(&self, t0: u128, src: *const u8, dst: *mut u8) {
+        let encrypt = ENCRYPT;
         let four = first_four(t0);
         // SAFETY: reading 64 bytes from a 4 x u128 array.
         let mut tw = unsafe { _mm512_loadu_si512(four.as_ptr().cast()) };
