@@ -26,6 +26,9 @@ use crate::{GuestMem, GuestMemAtomic};
 
 pub type Vring = VringMutex<GuestMemAtomic>;
 
+/// Completions between notifications of the guest within one batch.
+const NOTIFY_EVERY: usize = 8;
+
 /// A request and what the worker tracks about it while it is in flight.
 #[derive(Default)]
 struct Slot {
@@ -156,7 +159,7 @@ impl QueueWorker {
             if !self.stopped {
                 self.take_requests(queue, &mem);
             }
-            self.kick_storage(queue, &mem);
+            self.kick_storage(&mut state, &mem)?;
             self.notify(&mut state)?;
             if self.poll_for_work(&mut state, &mem)? {
                 continue;
@@ -213,7 +216,7 @@ impl QueueWorker {
                 return Ok(true);
             }
             if self.storage.has_completions() {
-                self.complete_reaped(queue, mem);
+                self.complete_reaped(state, mem)?;
                 self.notify(state)?;
             }
             spins = spins.wrapping_add(1);
@@ -262,13 +265,12 @@ impl QueueWorker {
         self.run_deferred(&vring, true)?;
         let mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
-        let queue = state.get_queue_mut();
         while self.storage.in_flight() > 0 {
             if let Err(e) = self.storage.kick(1) {
                 tracing::error!(queue = self.index, "waiting for storage: {e}");
                 break;
             }
-            self.complete_reaped(queue, &mem);
+            self.complete_reaped(&mut state, &mem)?;
         }
         self.notify(&mut state)
     }
@@ -376,7 +378,7 @@ impl QueueWorker {
                 }
             }
         }
-        self.kick_storage(queue, &mem);
+        self.kick_storage(&mut state, &mem)?;
         self.notify(&mut state)
     }
 
@@ -441,31 +443,47 @@ impl QueueWorker {
     }
 
     /// Submits what was pushed and completes whatever storage has finished.
-    fn kick_storage(&mut self, queue: &mut Queue, mem: &GuestMem) {
+    fn kick_storage(
+        &mut self,
+        state: &mut VringState<GuestMemAtomic>,
+        mem: &GuestMem,
+    ) -> io::Result<()> {
         if let Err(e) = self.storage.kick(0) {
             tracing::error!(queue = self.index, "io_uring submit failed: {e}");
         }
-        self.complete_reaped(queue, mem);
+        self.complete_reaped(state, mem)
     }
 
-    fn complete_reaped(&mut self, queue: &mut Queue, mem: &GuestMem) {
+    /// Completes what storage has finished. The guest is told every
+    /// `NOTIFY_EVERY` completions rather than once at the end, so that it
+    /// works on the first ones while filters (decryption) finish the rest.
+    fn complete_reaped(
+        &mut self,
+        state: &mut VringState<GuestMemAtomic>,
+        mem: &GuestMem,
+    ) -> io::Result<()> {
         loop {
             let mut reaped = std::mem::take(&mut self.reaped);
             self.storage
                 .reap(|tag, res| reaped.push((tag as usize, res)));
             if reaped.is_empty() {
                 self.reaped = reaped;
-                return;
+                return Ok(());
             }
-            for &(idx, res) in &reaped {
-                self.on_result(idx, res, queue, mem);
+            for chunk in reaped.chunks(NOTIFY_EVERY) {
+                for &(idx, res) in chunk {
+                    self.on_result(idx, res, state.get_queue_mut(), mem);
+                }
+                if chunk.len() == NOTIFY_EVERY {
+                    self.notify(state)?;
+                }
             }
             reaped.clear();
             self.reaped = reaped;
             // Completions may have queued continuations: start them.
             if let Err(e) = self.storage.kick(0) {
                 tracing::error!(queue = self.index, "io_uring submit failed: {e}");
-                return;
+                return Ok(());
             }
         }
     }
