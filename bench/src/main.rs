@@ -117,6 +117,13 @@ struct Cell {
     cpu_us_per_io: f64,
 }
 
+/// Writes back dirty pages left by earlier write runs, so the kernel's
+/// writeback does not compete with the next measurement for the CPUs.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments.
+    unsafe { libc::sync() };
+}
+
 fn vmcrypt_binary(arg: Option<PathBuf>) -> PathBuf {
     arg.unwrap_or_else(|| {
         let me = std::env::current_exe().expect("current exe");
@@ -337,6 +344,7 @@ fn main() {
                         [(&sb, &mut rb, &mut cpu_b), (&sa, &mut ra, &mut cpu_a)]
                     };
                     for (s, results, cpu) in order {
+                        settle();
                         let c0 = s.cpu_seconds();
                         let m = driver::run(&s.socket, *w, q as usize, dur, span, args.client_poll)
                             .unwrap_or_else(|e| panic!("{}: {e}", w.name));
