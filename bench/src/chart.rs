@@ -10,7 +10,9 @@ fn esc(s: &str) -> String {
 
 /// `rows`: (label, ratio, goal).
 pub fn ratios_svg(title: &str, rows: &[(String, f64, Option<f64>)]) -> String {
-    let label_w = 470.0;
+    // About 6.6 px per character at 12 px sans-serif.
+    let longest = rows.iter().map(|(l, _, _)| l.chars().count()).max().unwrap_or(20);
+    let label_w = longest as f64 * 6.6 + 20.0;
     let bar_w = 420.0;
     let row_h = 22.0;
     let top = 50.0;
