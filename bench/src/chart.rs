@@ -11,7 +11,11 @@ fn esc(s: &str) -> String {
 /// `rows`: (label, ratio, goal).
 pub fn ratios_svg(title: &str, rows: &[(String, f64, Option<f64>)]) -> String {
     // About 6.6 px per character at 12 px sans-serif.
-    let longest = rows.iter().map(|(l, _, _)| l.chars().count()).max().unwrap_or(20);
+    let longest = rows
+        .iter()
+        .map(|(l, _, _)| l.chars().count())
+        .max()
+        .unwrap_or(20);
     let label_w = longest as f64 * 6.6 + 20.0;
     let bar_w = 420.0;
     let row_h = 22.0;

@@ -118,3 +118,20 @@ fn a_down_kms_gives_a_clear_error_within_the_deadline() {
         "{took:?}"
     );
 }
+
+#[test]
+fn servers_by_ip_address_with_a_server_name_override() {
+    let t = tempfile::tempdir().unwrap();
+    let s = KmsServer::start(t.path());
+    let conf = kms_config(t.path(), &[format!("127.0.0.1:{}", s.port)], "client");
+    // Without the override the IP address is the name to verify, which the
+    // TLS library refuses: a configuration error, at once.
+    let p = KmipProvider::from_file(&conf, Duration::from_secs(2)).unwrap();
+    assert!(p.create_kek("x").is_err());
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("server_name = \"localhost\"\n");
+    std::fs::write(&conf, text).unwrap();
+    let p = KmipProvider::from_file(&conf, Duration::from_secs(5)).unwrap();
+    let (id, kek) = p.create_kek("vmcrypt:by-ip").unwrap();
+    assert_eq!(p.get_kek(&id, None).unwrap().as_bytes(), kek.as_bytes());
+}
