@@ -181,7 +181,20 @@ fn report(e: &dyn std::error::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Keeps key material out of core dumps: a crash must not write the data
+/// key or a KEK to disk. (This also stops other users' ptrace.)
+fn no_core_dumps() {
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) changes only this process's flag.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        eprintln!(
+            "vmcrypt: warning: cannot disable core dumps: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn main() -> ExitCode {
+    no_core_dumps();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(opts) => {
