@@ -202,7 +202,10 @@ impl QueueWorker {
         state: &mut VringState<GuestMemAtomic>,
         mem: &GuestMem,
     ) -> io::Result<bool> {
-        if self.poll_ns == 0 || self.stopped {
+        // Storage still working (writes handed to the kernel's io-wq
+        // threads, reads from the device): spinning would take a CPU those
+        // threads need; its eventfd wakes us instead.
+        if self.poll_ns == 0 || self.stopped || self.storage.in_flight() > 0 {
             return Ok(false);
         }
         let deadline = Instant::now() + Duration::from_nanos(self.poll_ns);
