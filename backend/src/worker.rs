@@ -149,9 +149,12 @@ impl QueueWorker {
     fn service(&mut self, vring: &Vring, event_idx: bool) -> io::Result<()> {
         let now = Instant::now();
         self.adapt_poll(now);
-        let mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
         loop {
+            // The memory table may have changed while we polled (the frontend
+            // adds a region, then submits requests that point into it): take
+            // the current one for every batch.
+            let mem = self.mem.memory().into_inner();
             let queue = state.get_queue_mut();
             queue
                 .disable_notification(&*mem)

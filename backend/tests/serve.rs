@@ -533,29 +533,46 @@ fn image_is_locked_against_a_second_daemon() {
 
 #[test]
 fn guest_memory_added_while_running_is_used() {
-    // libblkio maps a second buffer region after the device started: the
-    // frontend sends a memory table update (hotplug) while queues run.
+    // libblkio maps more buffer regions after the device started: the
+    // frontend sends memory table updates (hotplug) while the queue thread
+    // is busy, even polling, and the next requests point into the new regions.
     let dir = tempfile::tempdir().unwrap();
     let (d, _) = serve_raw(dir.path(), 8 * MIB, &[]);
     let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
     f.buf(0, 4096).copy_from_slice(&pattern(21, 4096));
     assert_eq!(f.write(0, 0, 0, 4096), 0);
-    let extra = f.blkio.alloc_mem_region(2 * MIB as usize).unwrap();
-    f.blkio.map_mem_region(&extra).unwrap();
-    let p = extra.addr as *mut u8;
-    f.queues[0].read(0, p, 4096, 0, ReqFlags::empty());
-    assert_eq!(f.wait(0), 0);
-    // SAFETY: the region is 2 MiB, mapped read-write for us.
-    let got = unsafe { std::slice::from_raw_parts(p, 4096) };
-    assert_eq!(got, &pattern(21, 4096)[..]);
-    // SAFETY: as above.
-    unsafe { std::ptr::copy_nonoverlapping(pattern(22, 4096).as_ptr(), p.add(8192), 4096) };
-    // SAFETY: as above.
-    f.queues[0].write(MIB, unsafe { p.add(8192) }, 4096, 0, ReqFlags::empty());
-    assert_eq!(f.wait(0), 0);
-    // The old region still works too.
-    assert_eq!(f.read(0, MIB, 65536, 4096), 0);
-    assert_eq!(f.buf(65536, 4096), &pattern(22, 4096)[..]);
-    f.blkio.unmap_mem_region(&extra);
+    let mut regions = Vec::new();
+    for round in 0..8u64 {
+        // I/O on the old region right before, so the queue thread polls.
+        assert_eq!(f.read(0, 0, 8192, 4096), 0);
+        let extra = f.blkio.alloc_mem_region(2 * MIB as usize).unwrap();
+        f.blkio.map_mem_region(&extra).unwrap();
+        let p = extra.addr as *mut u8;
+        f.queues[0].read(0, p, 4096, 0, ReqFlags::empty());
+        assert_eq!(f.wait(0), 0, "round {round}: read into a new region");
+        // SAFETY: the region is 2 MiB, mapped read-write for us.
+        let got = unsafe { std::slice::from_raw_parts(p, 4096) };
+        assert_eq!(got, &pattern(21, 4096)[..]);
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(pattern(round, 4096).as_ptr(), p.add(8192), 4096) };
+        // SAFETY: as above.
+        f.queues[0].write(
+            MIB + round * 4096,
+            unsafe { p.add(8192) },
+            4096,
+            0,
+            ReqFlags::empty(),
+        );
+        assert_eq!(f.wait(0), 0, "round {round}: write from a new region");
+        regions.push(extra);
+    }
+    // The first region still works, and holds what the others wrote.
+    for round in 0..8u64 {
+        assert_eq!(f.read(0, MIB + round * 4096, 65536, 4096), 0);
+        assert_eq!(f.buf(65536, 4096), &pattern(round, 4096)[..]);
+    }
+    for r in &regions {
+        f.blkio.unmap_mem_region(r);
+    }
     assert_eq!(f.read(0, 0, 0, 4096), 0);
 }
