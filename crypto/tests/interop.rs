@@ -88,13 +88,24 @@ fn we_open_images_made_by_cryptsetup_and_qemu_img() {
         .arg(&a));
     assert!(ok, "{out}");
     let b = dir.path().join("qemu.img");
-    let (ok, out) = run(Command::new("qemu-img")
-        .args(["create", "-f", "luks", "--object"])
-        .arg(format!("secret,id=s0,file={}", key.display()))
-        .args(["-o", "key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256,iter-time=200"])
-        .arg(&b)
-        .arg("16M"));
-    assert!(ok, "{out}");
+    // qemu-img times PBKDF2 to pick its iteration count; that probe can fail
+    // ("Unable to get accurate CPU usage") when the thread's CPU clock did not
+    // tick during it: retry.
+    let mut out = String::new();
+    for _ in 0..5 {
+        let _ = std::fs::remove_file(&b);
+        let (ok, text) = run(Command::new("qemu-img")
+            .args(["create", "-f", "luks", "--object"])
+            .arg(format!("secret,id=s0,file={}", key.display()))
+            .args(["-o", "key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256,iter-time=200"])
+            .arg(&b)
+            .arg("16M"));
+        out = text;
+        if ok {
+            break;
+        }
+    }
+    assert!(b.exists(), "qemu-img create failed: {out}");
     for img in [a, b] {
         let f = std::fs::File::open(&img).unwrap();
         let l = Luks::open(&f, &img).unwrap();
