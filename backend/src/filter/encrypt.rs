@@ -10,6 +10,10 @@
 //! WRITE_ZEROES writes encrypted zeroes (a hole would decrypt to noise);
 //! DISCARD punches a hole, after which reads of that range return
 //! unpredictable data, as the virtio spec allows for discarded blocks.
+//!
+//! Bounce buffers are bounded per queue: a write that would take the queue
+//! past [`BOUNCE_BUDGET`] waits (the pipeline's Delay) until earlier writes
+//! complete, so a guest cannot make the host allocate without limit.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,6 +43,7 @@ impl Filter for Encrypt {
         Box::new(EncryptQueue {
             xts: Xts::new(&self.key).expect("key checked in Encrypt::new"),
             pool: Vec::new(),
+            outstanding: 0,
         })
     }
 }
@@ -47,7 +52,14 @@ struct EncryptQueue {
     xts: Xts,
     /// Bounce buffers returned by completed writes, for reuse.
     pool: Vec<Vec<u8>>,
+    /// Bytes of bounce buffers held by writes in flight.
+    outstanding: usize,
 }
+
+/// Most bytes of bounce buffers one queue holds at once.
+pub const BOUNCE_BUDGET: usize = 64 << 20;
+/// How long a write waits for bounce buffer room before it asks again.
+const BOUNCE_RETRY: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Buffers larger than this are not kept in the pool.
 const POOL_KEEP_MAX: usize = 1 << 20;
@@ -62,8 +74,17 @@ impl EncryptQueue {
 }
 
 impl QueueFilter for EncryptQueue {
-    fn submit(&mut self, req: &mut Request, _now: Instant) -> Verdict {
+    fn submit(&mut self, req: &mut Request, now: Instant, may_delay: bool) -> Verdict {
         let first = req.offset / SECTOR as u64;
+        if matches!(req.op, Op::Write | Op::WriteZeroes { .. }) {
+            let len = req.len as usize;
+            // One write always goes, however large; more wait for room,
+            // unless the queue is draining.
+            if may_delay && self.outstanding > 0 && self.outstanding + len > BOUNCE_BUDGET {
+                return Verdict::Delay(now + BOUNCE_RETRY);
+            }
+            self.outstanding += len;
+        }
         match req.op {
             Op::Write => {
                 let mut b = self.bounce(req.len as usize);
@@ -74,6 +95,7 @@ impl QueueFilter for EncryptQueue {
                 let mut b = self.bounce(req.len as usize);
                 b.fill(0);
                 if self.xts.encrypt_in_place(first, &mut b).is_err() {
+                    self.outstanding -= b.len();
                     return Verdict::Complete(Status::IoErr);
                 }
                 let mut bounce = Bounce::new(b);
@@ -88,6 +110,7 @@ impl QueueFilter for EncryptQueue {
 
     fn complete(&mut self, req: &mut Request, status: Status) -> Status {
         if let Some(bounce) = req.bounce.take() {
+            self.outstanding -= bounce.buf.len();
             if let Some(op) = bounce.replaces {
                 req.op = op;
             }
@@ -260,6 +283,39 @@ mod tests {
     }
 
     #[test]
+    fn bounce_buffers_are_bounded_per_queue() {
+        let f = Encrypt::new(MasterKey::generate()).unwrap();
+        let mut q = f.queue_filter(0);
+        let now = Instant::now();
+        let zeroes = |len: u64| Request {
+            op: Op::WriteZeroes { unmap: false },
+            offset: 0,
+            len,
+            ..Default::default()
+        };
+        // A single write larger than the budget still goes.
+        let mut big = zeroes(2 * BOUNCE_BUDGET as u64);
+        assert_eq!(q.submit(&mut big, now, true), Verdict::Pass);
+        // While it is in flight, the next one waits...
+        let mut next = zeroes(4096);
+        assert!(matches!(q.submit(&mut next, now, true), Verdict::Delay(t) if t > now));
+        // ...and goes once the first completed.
+        assert_eq!(q.complete(&mut big, Status::Ok), Status::Ok);
+        assert_eq!(q.submit(&mut next, now, true), Verdict::Pass);
+        // Within the budget, writes go side by side.
+        let mut more = zeroes(1 << 20);
+        assert_eq!(q.submit(&mut more, now, true), Verdict::Pass);
+        // A draining queue is never delayed, and the write is still encrypted.
+        let mut huge = zeroes(BOUNCE_BUDGET as u64);
+        assert_eq!(q.submit(&mut huge, now, false), Verdict::Pass);
+        assert_eq!(huge.op, Op::Write);
+        assert!(huge
+            .bounce
+            .as_ref()
+            .is_some_and(|b| b.buf.iter().any(|&x| x != 0)));
+    }
+
+    #[test]
     fn write_zeroes_becomes_an_encrypted_write_and_is_restored() {
         let f = Encrypt::new(MasterKey::generate()).unwrap();
         let mut q = f.queue_filter(0);
@@ -269,7 +325,7 @@ mod tests {
             len: 8192,
             ..Default::default()
         };
-        assert_eq!(q.submit(&mut req, Instant::now()), Verdict::Pass);
+        assert_eq!(q.submit(&mut req, Instant::now(), true), Verdict::Pass);
         assert_eq!(req.op, Op::Write);
         let b = req.bounce.as_ref().unwrap();
         assert_eq!(b.buf.len(), 8192);

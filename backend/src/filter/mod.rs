@@ -50,8 +50,10 @@ pub trait Filter: Send + Sync {
 
 /// A filter's per-queue state, used by that queue's worker only.
 pub trait QueueFilter: Send {
-    /// The request on its way down.
-    fn submit(&mut self, req: &mut Request, now: Instant) -> Verdict;
+    /// The request on its way down. With `may_delay` false (the queue is
+    /// being drained) the filter must not answer `Delay`: it does its work
+    /// now and passes the request on, or completes it.
+    fn submit(&mut self, req: &mut Request, now: Instant, may_delay: bool) -> Verdict;
     /// The request on its way up, for filters whose `submit` passed it on.
     /// Returns the status to report upwards.
     fn complete(&mut self, req: &mut Request, status: Status) -> Status {
@@ -146,15 +148,26 @@ impl Pipeline {
         self.stages.is_empty()
     }
 
-    /// Sends `req` down from stage `from`. With `force` (draining a queue),
-    /// a filter's request to delay is overridden.
+    /// Sends `req` down from stage `from`. With `force` (draining a queue)
+    /// no filter may delay it. A filter is never skipped: it alone knows
+    /// what it must do to a request (the encrypt filter, for one, must
+    /// encrypt every write), so the choice to hurry is left to it.
     pub fn submit(&mut self, req: &mut Request, from: usize, now: Instant, force: bool) -> Outcome {
         for (stage, f) in self.stages.iter_mut().enumerate().skip(from) {
-            match f.submit(req, now) {
+            match f.submit(req, now, !force) {
                 Verdict::Pass => {}
-                Verdict::Delay(_) if force => {}
                 Verdict::Complete(status) => return Outcome::Completed { stage, status },
-                Verdict::Delay(until) => return Outcome::Delayed { stage, until },
+                Verdict::Delay(until) if !force => return Outcome::Delayed { stage, until },
+                Verdict::Delay(_) => {
+                    tracing::error!(
+                        stage,
+                        "a filter asked to delay a request while the queue drains; failing it"
+                    );
+                    return Outcome::Completed {
+                        stage,
+                        status: Status::IoErr,
+                    };
+                }
             }
         }
         Outcome::ToStorage
@@ -195,4 +208,51 @@ pub(crate) fn check_keys(spec: &FilterSpec, known: &[&str]) -> Result<(), Filter
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{Iov, Op};
+
+    #[test]
+    fn a_draining_queue_still_runs_every_filter() {
+        // A throttle with no tokens left, above the encrypt filter: draining
+        // must not skip encryption by skipping a delaying stage.
+        let throttle = build(
+            &"throttle:write_iops_sec=1,write_iops_sec_burst=1"
+                .parse()
+                .unwrap(),
+            1,
+        )
+        .unwrap();
+        let encrypt: Arc<dyn Filter> =
+            Arc::new(Encrypt::new(vmcrypt_crypto::MasterKey::generate()).unwrap());
+        let mut p = Pipeline::new(&[throttle, encrypt], 0);
+        let mut data = vec![0x42u8; 4096];
+        let mut write = || Request {
+            op: Op::Write,
+            offset: 0,
+            len: 4096,
+            iovs: vec![Iov {
+                base: data.as_mut_ptr(),
+                len: 4096,
+            }],
+            ..Default::default()
+        };
+        let now = Instant::now();
+        let mut first = write();
+        assert_eq!(p.submit(&mut first, 0, now, false), Outcome::ToStorage);
+        let mut second = write();
+        assert!(matches!(
+            p.submit(&mut second, 0, now, false),
+            Outcome::Delayed { stage: 0, .. }
+        ));
+        assert_eq!(p.submit(&mut second, 0, now, true), Outcome::ToStorage);
+        let bounce = second
+            .bounce
+            .as_ref()
+            .expect("the write was encrypted into a bounce buffer");
+        assert_ne!(bounce.buf, vec![0x42u8; 4096]);
+    }
 }

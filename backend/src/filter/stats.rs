@@ -124,7 +124,7 @@ struct StatsQueue {
 }
 
 impl QueueFilter for StatsQueue {
-    fn submit(&mut self, _req: &mut Request, _now: Instant) -> Verdict {
+    fn submit(&mut self, _req: &mut Request, _now: Instant, _may_delay: bool) -> Verdict {
         Verdict::Pass
     }
 
@@ -166,7 +166,7 @@ mod tests {
             len: 4096,
             ..Default::default()
         };
-        assert_eq!(q.submit(&mut req, Instant::now()), Verdict::Pass);
+        assert_eq!(q.submit(&mut req, Instant::now(), true), Verdict::Pass);
         assert_eq!(q.complete(&mut req, Status::Ok), Status::Ok);
         assert_eq!(q.complete(&mut req, Status::IoErr), Status::IoErr);
         let (count, errors, bytes, _, _) = f.totals(1);

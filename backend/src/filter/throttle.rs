@@ -82,7 +82,8 @@ struct Buckets([Option<Bucket>; 6]);
 
 impl Buckets {
     /// Admits a request of `op` and `bytes` now, or says when to ask again.
-    fn admit(&mut self, op: Op, bytes: u64, now: Instant) -> Option<Instant> {
+    /// With `must`, it is admitted regardless (its cost still taken).
+    fn admit(&mut self, op: Op, bytes: u64, now: Instant, must: bool) -> Option<Instant> {
         let (iops, bps) = match op {
             Op::Read => (Kind::ReadIops, Kind::ReadBytes),
             Op::Write | Op::Discard | Op::WriteZeroes { .. } => (Kind::WriteIops, Kind::WriteBytes),
@@ -109,7 +110,7 @@ impl Buckets {
                 }
             }
         }
-        if wait.is_some() {
+        if wait.is_some() && !must {
             return wait;
         }
         for (k, cost) in applies {
@@ -191,9 +192,9 @@ struct ThrottleQueue {
 }
 
 impl QueueFilter for ThrottleQueue {
-    fn submit(&mut self, req: &mut Request, now: Instant) -> Verdict {
+    fn submit(&mut self, req: &mut Request, now: Instant, may_delay: bool) -> Verdict {
         let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        match b.admit(req.op, req.len, now) {
+        match b.admit(req.op, req.len, now, !may_delay) {
             None => Verdict::Pass,
             Some(t) => Verdict::Delay(t),
         }
@@ -230,7 +231,7 @@ mod tests {
         let mut admitted = 0u64;
         // A greedy client retrying exactly when told, for 2 simulated seconds.
         while now < start + Duration::from_secs(2) {
-            match b.admit(Op::Read, 4096, now) {
+            match b.admit(Op::Read, 4096, now, false) {
                 None => admitted += 1,
                 Some(t) => now = t,
             }
@@ -244,9 +245,9 @@ mod tests {
         let t = throttle("throttle:write_bytes_sec=1M,write_bytes_sec_burst=64k");
         let mut b = t.buckets.lock().unwrap();
         let now = Instant::now();
-        assert!(b.admit(Op::Write, 1 << 20, now).is_none()); // goes into debt
-        assert!(b.admit(Op::Write, 4096, now).is_some());
-        assert!(b.admit(Op::Read, 1 << 20, now).is_none());
-        assert!(b.admit(Op::Flush, 0, now).is_none());
+        assert!(b.admit(Op::Write, 1 << 20, now, false).is_none()); // goes into debt
+        assert!(b.admit(Op::Write, 4096, now, false).is_some());
+        assert!(b.admit(Op::Read, 1 << 20, now, false).is_none());
+        assert!(b.admit(Op::Flush, 0, now, false).is_none());
     }
 }
