@@ -191,7 +191,7 @@ impl QueueWorker {
                     slot.stage = 0;
                     slot.done = 0;
                     slot.punch_fallback = false;
-                    self.start(idx, 0, queue, mem, now);
+                    self.start(idx, queue, mem, now);
                 }
                 Err(e) => self.refuse(idx, e, queue, mem),
             }
@@ -308,41 +308,81 @@ impl QueueWorker {
 
     /// A chain that did not parse: report the status, or return it unused.
     fn refuse(&mut self, idx: usize, e: ParseError, queue: &mut Queue, mem: &GuestMem) {
-        let head = self.slots[idx].req.head;
-        tracing::debug!(queue = self.index, head, "{e}");
-        match e {
-            ParseError::Refused { status, .. } => {
-                let addr = self.slots[idx].req.status_addr;
-                let _ = mem.write_obj(status as u8, addr);
-                let _ = queue.add_used(mem, head, 1);
+        tracing::debug!(queue = self.index, head = self.slots[idx].req.head, "{e}");
+        let status = match e {
+            ParseError::Refused { status, .. } => Some(status),
+            ParseError::Broken(_) => None,
+        };
+        self.give_back(idx, status, 0, queue, mem);
+    }
+
+    /// Writes the status byte (if the chain has one), returns the chain to
+    /// the guest with `written` data bytes, and frees its slot.
+    fn give_back(
+        &mut self,
+        idx: usize,
+        status: Option<Status>,
+        written: u32,
+        queue: &mut Queue,
+        mem: &GuestMem,
+    ) {
+        let req = &self.slots[idx].req;
+        let used = match status {
+            Some(st) => {
+                if mem.write_obj(st as u8, req.status_addr).is_err() {
+                    tracing::warn!(queue = self.index, "status byte no longer in guest memory");
+                }
+                written + 1
             }
-            ParseError::Broken(_) => {
-                let _ = queue.add_used(mem, head, 0);
-            }
+            None => 0,
+        };
+        if let Err(e) = queue.add_used(mem, req.head, used) {
+            tracing::warn!(
+                queue = self.index,
+                "cannot return a request to the ring: {e}"
+            );
         }
         self.returned = true;
         self.free.push(idx);
     }
 
-    /// Sends slot `idx` down the pipeline from stage `from`, then to storage.
-    fn start(&mut self, idx: usize, from: usize, queue: &mut Queue, mem: &GuestMem, now: Instant) {
+    /// Sends slot `idx` down the pipeline from the stage it stands at, then to
+    /// storage. Returns when to retry it if a filter delayed it; the caller
+    /// queues it.
+    fn run_pipeline(
+        &mut self,
+        idx: usize,
+        force: bool,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        now: Instant,
+    ) -> Option<Instant> {
         let slot = &mut self.slots[idx];
-        match self.pipeline.submit(&mut slot.req, from, now, false) {
+        match self.pipeline.submit(&mut slot.req, slot.stage, now, force) {
             Outcome::ToStorage => {
                 slot.stage = self.pipeline.len();
                 self.submit_to_storage(idx, queue, mem);
+                None
             }
             Outcome::Completed { stage, status } => {
                 slot.stage = stage;
                 self.finish(idx, status, queue, mem);
+                None
             }
             Outcome::Delayed { stage, until } => {
                 slot.stage = stage;
                 slot.until = Some(until);
-                self.deferred.push_back(idx);
-                if let Err(e) = self.timer.arm(until) {
-                    tracing::error!(queue = self.index, "cannot arm timer: {e}");
-                }
+                Some(until)
+            }
+        }
+    }
+
+    /// Sends a new request down the pipeline; a delayed one waits in order.
+    fn start(&mut self, idx: usize, queue: &mut Queue, mem: &GuestMem, now: Instant) {
+        if let Some(until) = self.run_pipeline(idx, false, queue, mem, now) {
+            self.deferred.push_back(idx);
+            if let Err(e) = self.timer.arm(until) {
+                tracing::error!(queue = self.index, "cannot arm timer: {e}");
             }
         }
     }
@@ -364,24 +404,11 @@ impl QueueWorker {
             }
             self.deferred.pop_front();
             slot.until = None;
-            let from = slot.stage;
-            match self.pipeline.submit(&mut slot.req, from, now, force) {
-                Outcome::ToStorage => {
-                    slot.stage = self.pipeline.len();
-                    self.submit_to_storage(idx, queue, &mem);
-                }
-                Outcome::Completed { stage, status } => {
-                    slot.stage = stage;
-                    self.finish(idx, status, queue, &mem);
-                }
-                Outcome::Delayed { stage, until } => {
-                    // Still waiting: keep its place at the front.
-                    slot.stage = stage;
-                    slot.until = Some(until);
-                    self.deferred.push_front(idx);
-                    self.timer.arm(until)?;
-                    break;
-                }
+            if let Some(until) = self.run_pipeline(idx, force, queue, &mem, now) {
+                // Still waiting: keep its place at the front.
+                self.deferred.push_front(idx);
+                self.timer.arm(until)?;
+                break;
             }
         }
         self.kick_storage(&mut state, &mem)?;
@@ -545,21 +572,14 @@ impl QueueWorker {
     fn finish(&mut self, idx: usize, status: Status, queue: &mut Queue, mem: &GuestMem) {
         let slot = &mut self.slots[idx];
         let status = self.pipeline.complete(&mut slot.req, slot.stage, status);
-        let req = &slot.req;
-        let written = if status == Status::Ok { req.written } else { 0 };
-        if mem.write_obj(status as u8, req.status_addr).is_err() {
-            tracing::warn!(queue = self.index, "status byte no longer in guest memory");
-        }
-        if let Err(e) = queue.add_used(mem, req.head, written + 1) {
-            tracing::warn!(
-                queue = self.index,
-                "cannot return a request to the ring: {e}"
-            );
-        }
+        let written = if status == Status::Ok {
+            slot.req.written
+        } else {
+            0
+        };
         slot.mem = None;
         slot.req.bounce = None;
-        self.returned = true;
-        self.free.push(idx);
+        self.give_back(idx, Some(status), written, queue, mem);
     }
 }
 
