@@ -6,7 +6,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use vmcrypt_crypto::{luks, Luks, Passphrase};
-use vmcrypt_kms::{KeyProvider, LocalKeyStore};
+use vmcrypt_kms::KeyProvider;
 
 use crate::keys::{self, KeyDescriptor, KeyError, KeySource};
 
@@ -175,15 +175,6 @@ pub fn export_passphrase(
     Ok(())
 }
 
-/// The local key store to use.
-pub fn local_store(keystore: Option<&Path>) -> LocalKeyStore {
-    LocalKeyStore::new(
-        &keystore
-            .map(Path::to_path_buf)
-            .unwrap_or_else(LocalKeyStore::default_dir),
-    )
-}
-
 /// `vmcrypt rekey` (shallow rekey): a new KEK and key slot for the same
 /// data key; the old slot is wiped, optionally the old KEK revoked.
 ///
@@ -206,18 +197,9 @@ pub fn rekey(
         .open(image)
         .map_err(io(image, "cannot open"))?;
     let mut l = Luks::open(&file, image).map_err(luks_err(image))?;
-    let descriptor = KeyDescriptor::load(image)?.ok_or_else(|| KeyError::NoDescriptor {
-        image: image.into(),
-        descriptor: KeyDescriptor::path_for(image),
-    })?;
-    let old_provider = keys::provider_for(&descriptor, old)?;
-    let old_kek = old_provider
-        .get_kek(&descriptor.key_id, Some(&descriptor.key_name))
-        .map_err(KeyError::from)?;
-    let (dek, old_slot) = l
-        .unlock(&Passphrase::from_kek(old_kek.as_bytes()))
-        .map_err(luks_err(image))?;
-    drop(old_kek);
+    let (descriptor, old_provider, old_passphrase) = keys::descriptor_key(image, &l.header, old)?;
+    let (dek, old_slot) = l.unlock(&old_passphrase).map_err(luks_err(image))?;
+    drop(old_passphrase);
 
     let mut tag = [0u8; 4];
     vmcrypt_crypto::random_bytes(&mut tag);

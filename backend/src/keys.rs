@@ -207,9 +207,19 @@ pub fn passphrase_for(
     header: &Header,
     source: &KeySource,
 ) -> Result<Passphrase, KeyError> {
-    if let Some(p) = &source.passphrase_file {
-        return read_passphrase_file(p);
+    match &source.passphrase_file {
+        Some(p) => read_passphrase_file(p),
+        None => descriptor_key(image, header, source).map(|(_, _, passphrase)| passphrase),
     }
+}
+
+/// The key descriptor of `image` (checked to belong to its LUKS header),
+/// the provider it names, and the passphrase made from the KEK fetched there.
+pub fn descriptor_key(
+    image: &Path,
+    header: &Header,
+    source: &KeySource,
+) -> Result<(KeyDescriptor, Box<dyn KeyProvider>, Passphrase), KeyError> {
     let descriptor = KeyDescriptor::load(image)?.ok_or_else(|| KeyError::NoDescriptor {
         image: image.into(),
         descriptor: KeyDescriptor::path_for(image),
@@ -226,7 +236,8 @@ pub fn passphrase_for(
     let provider = provider_for(&descriptor, source)?;
     tracing::info!(key_id = %descriptor.key_id, provider = %provider.describe(), "fetching the key-encryption key");
     let kek = provider.get_kek(&descriptor.key_id, Some(&descriptor.key_name))?;
-    Ok(Passphrase::from_kek(kek.as_bytes()))
+    let passphrase = Passphrase::from_kek(kek.as_bytes());
+    Ok((descriptor, provider, passphrase))
 }
 
 /// Opens the LUKS header of `image` and unlocks its master key.

@@ -50,12 +50,6 @@ pub enum Image {
 }
 
 impl Image {
-    /// Opens (and locks) an image file; the whole file is the disk.
-    pub fn open(path: &Path, read_only: bool, block_size: u32) -> Result<Self, StorageError> {
-        let file = open_locked(path, read_only)?;
-        Self::from_file(file, path, 0, block_size)
-    }
-
     /// An opened image whose disk starts `data_offset` bytes in.
     pub fn from_file(
         file: File,

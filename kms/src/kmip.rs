@@ -23,9 +23,8 @@ use kmip_protocol::types::common::{
     KeyMaterial, ObjectType, RevocationReasonCode, State, UniqueIdentifier,
 };
 use kmip_protocol::types::request::{
-    self, Attribute, KeyBlock, KeyValue, ManagedObject, ProtocolVersion, ProtocolVersionMajor,
-    ProtocolVersionMinor, QueryFunction, RequestPayload, RevocationReason, SymmetricKey,
-    TemplateAttribute,
+    self, Attribute, KeyBlock, KeyValue, ManagedObject, QueryFunction, RequestPayload,
+    RevocationReason, SymmetricKey, TemplateAttribute,
 };
 use kmip_protocol::types::response::{self as resp, ResponsePayload};
 use serde::Deserialize;
@@ -243,15 +242,12 @@ impl KmipProvider {
                 )))
             },
         )
-        .map_err(|e| KmipAttempt::from_kmip(server, &e))?;
+        .map_err(|e| KmipAttempt::from(kmip_error(server, &e)))?;
         let conn = Conn {
             client: &client,
             server,
         };
-        f(&conn).map_err(|e| match e {
-            KmsError::Unreachable { last_error, .. } => KmipAttempt::Retry(last_error),
-            other => KmipAttempt::Final(other),
-        })
+        f(&conn).map_err(KmipAttempt::from)
     }
 
     /// Runs `f` on the first server that answers, retrying with backoff
@@ -332,15 +328,28 @@ enum KmipAttempt {
     Final(KmsError),
 }
 
-impl KmipAttempt {
-    fn from_kmip(server: &str, e: &KmipError) -> Self {
-        if is_connection_error(e) {
-            KmipAttempt::Retry(format!("{server}: {}", describe(e)))
-        } else {
-            KmipAttempt::Final(KmsError::Server {
-                server: server.into(),
-                message: describe(e),
-            })
+impl From<KmsError> for KmipAttempt {
+    /// An unreachable server is worth retrying (or trying the next one);
+    /// anything else is the cluster's answer.
+    fn from(e: KmsError) -> Self {
+        match e {
+            KmsError::Unreachable { last_error, .. } => KmipAttempt::Retry(last_error),
+            other => KmipAttempt::Final(other),
+        }
+    }
+}
+
+/// What a KMIP client error means, coming from `server`.
+fn kmip_error(server: &str, e: &KmipError) -> KmsError {
+    if is_connection_error(e) {
+        KmsError::Unreachable {
+            servers: server.into(),
+            last_error: format!("{server}: {}", describe(e)),
+        }
+    } else {
+        KmsError::Server {
+            server: server.into(),
+            message: describe(e),
         }
     }
 }
@@ -369,17 +378,7 @@ impl<T: Read + Write> Conn<'_, T> {
     }
 
     fn err(&self, e: &KmipError) -> KmsError {
-        if is_connection_error(e) {
-            KmsError::Unreachable {
-                servers: self.server.into(),
-                last_error: format!("{}: {}", self.server, describe(e)),
-            }
-        } else {
-            KmsError::Server {
-                server: self.server.into(),
-                message: describe(e),
-            }
-        }
+        kmip_error(self.server, e)
     }
 
     fn unexpected(&self, op: &str) -> KmsError {
@@ -599,11 +598,4 @@ impl KeyProvider for KmipProvider {
     fn revoke_kek(&self, id: &str) -> Result<(), KmsError> {
         self.with_cluster(&|k| k.revoke(id))
     }
-}
-
-// The ProtocolVersion types are imported for completeness of the request
-// vocabulary (Discover Versions may list wanted versions).
-#[allow(dead_code)]
-fn kmip_1_2() -> ProtocolVersion {
-    ProtocolVersion(ProtocolVersionMajor(1), ProtocolVersionMinor(2))
 }
