@@ -2,21 +2,28 @@
 //! and protocol features, the config space), and the dispatch of each
 //! queue thread's events to that queue's worker.
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::dirty::DirtyLog;
 use crate::filter::{Filter, Pipeline};
+use crate::handover::Handover;
+use crate::inflight::InflightRegion;
 use crate::request::SECTOR_SHIFT;
 use crate::storage::{Image, QueueStorage, StorageError};
 use crate::worker::{DiskInfo, QueueWorker, Vring};
@@ -46,6 +53,10 @@ struct Inner {
     /// One worker per queue, each locked only by its queue's thread (and by
     /// the control thread while stopping that queue).
     workers: Vec<Mutex<QueueWorker>>,
+    /// Per queue: the frontend has started it (a kick arrived) and not
+    /// stopped it since.
+    running: Vec<AtomicBool>,
+    handover: Arc<Handover>,
 }
 
 impl BlockDevice {
@@ -55,6 +66,7 @@ impl BlockDevice {
         image: &Arc<Image>,
         filters: &[Arc<dyn Filter>],
         mem: GuestMemAtomic,
+        handover: Arc<Handover>,
     ) -> Result<Self, StorageError> {
         let mut workers = Vec::with_capacity(settings.num_queues);
         for q in 0..settings.num_queues {
@@ -66,15 +78,20 @@ impl BlockDevice {
                 Pipeline::new(filters, q),
                 storage,
                 settings.poll_max,
+                handover.clone(),
             )
             .map_err(StorageError::Uring)?;
             workers.push(Mutex::new(worker));
         }
         Ok(BlockDevice(Arc::new(Inner {
             config: config_space(&settings),
+            running: (0..settings.num_queues)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             settings,
             event_idx: AtomicBool::new(false),
             workers,
+            handover,
         })))
     }
 
@@ -103,22 +120,25 @@ impl BlockDevice {
         Ok(())
     }
 
-    /// Stops every queue: nothing more is taken from the rings, and what was
-    /// taken is completed.
+    /// Stops every queue for good (frontend gone, or shutting down): nothing
+    /// more is taken from the rings, and what was taken is completed, so no
+    /// storage operation still points into guest memory afterwards.
     pub fn stop(&self) {
         for q in 0..self.0.workers.len() {
             if let Err(e) = self.worker(q).stop() {
                 tracing::error!(queue = q, "stopping queue: {e}");
             }
+            self.0.running[q].store(false, Ordering::Release);
         }
     }
 
-    /// Completes what every queue has taken, without stopping them.
-    pub fn drain(&self) {
-        for q in 0..self.0.workers.len() {
-            if let Err(e) = self.worker(q).drain() {
-                tracing::error!(queue = q, "draining queue: {e}");
-            }
+    /// Stops every queue and releases the image: the device is gone.
+    pub fn shut(&self) {
+        self.stop();
+        if let Err(e) = self.0.handover.device_stopped() {
+            tracing::error!(
+                "flushing the image after the device stopped: {e}; keeping the image lock"
+            );
         }
     }
 }
@@ -161,7 +181,7 @@ fn config_space(s: &DeviceSettings) -> [u8; CONFIG_LEN] {
 }
 
 impl VhostUserBackend for BlockDevice {
-    type Bitmap = ();
+    type Bitmap = DirtyLog;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -184,7 +204,8 @@ impl VhostUserBackend for BlockDevice {
             | 1 << VIRTIO_BLK_F_MQ
             | 1 << VIRTIO_BLK_F_DISCARD
             | 1 << VIRTIO_BLK_F_WRITE_ZEROES
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
         if self.0.settings.disk.limits.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -196,6 +217,8 @@ impl VhostUserBackend for BlockDevice {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -211,9 +234,32 @@ impl VhostUserBackend for BlockDevice {
         out
     }
 
-    fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
         // The workers hold the same GuestMemoryAtomic and load the new table
         // on their next event; in-flight requests keep the old one mapped.
+        // The first table with memory in it starts the device: take the image.
+        if mem.memory().num_regions() > 0 {
+            self.0.handover.device_started().map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    fn get_inflight_fd(&self, msg: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        let (_, file, info) = InflightRegion::allocate(msg.num_queues, msg.queue_size)?;
+        tracing::debug!(
+            queues = info.num_queues,
+            queue_size = info.queue_size,
+            bytes = info.mmap_size,
+            "in-flight region allocated"
+        );
+        Ok((info, file))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region = InflightRegion::open(msg, &file)?;
+        for q in 0..self.0.workers.len() {
+            self.worker(q).set_inflight(region.queue(q));
+        }
         Ok(())
     }
 
@@ -225,10 +271,24 @@ impl VhostUserBackend for BlockDevice {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
     }
 
+    /// `GET_VRING_BASE`: the frontend takes the ring back. Everything taken
+    /// from it is completed and made durable; once no queue runs, the image
+    /// is released (the destination of a migration may take it over).
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        match self.0.workers.get(queue_index as usize) {
-            Some(_) => self.worker(queue_index as usize).drain(),
-            None => Ok(()),
+        let q = queue_index as usize;
+        if q >= self.0.workers.len() {
+            return Ok(());
+        }
+        {
+            let mut w = self.worker(q);
+            w.drain()?;
+            w.restart_pending();
+        }
+        self.0.running[q].store(false, Ordering::Release);
+        if self.0.running.iter().any(|r| r.load(Ordering::Acquire)) {
+            self.0.handover.sync()
+        } else {
+            self.0.handover.device_stopped()
         }
     }
 
@@ -245,7 +305,13 @@ impl VhostUserBackend for BlockDevice {
         let mut w = self.worker(thread_id);
         w.set_vring(vring);
         match device_event {
-            0 => w.on_kick(vring, self.0.event_idx.load(Ordering::Relaxed)),
+            0 => {
+                let running = &self.0.running[thread_id];
+                if !running.load(Ordering::Relaxed) {
+                    running.store(true, Ordering::Release);
+                }
+                w.on_kick(vring, self.0.event_idx.load(Ordering::Relaxed))
+            }
             e if e == self.storage_event() => {
                 w.on_storage(vring, self.0.event_idx.load(Ordering::Relaxed))
             }

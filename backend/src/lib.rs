@@ -8,11 +8,18 @@
 //! 3. [`worker`] runs one virtqueue: pops descriptor chains, parses them with
 //!    [`request`], passes them through the [`filter`] pipeline down to the
 //!    [`storage`] sink, and completes them back to the guest.
+//! 4. Around the data path, the device's life: [`inflight`] records the
+//!    requests each queue has taken so a restarted daemon resubmits them,
+//!    [`dirty`] logs the guest memory vmcrypt writes while QEMU migrates, and
+//!    [`handover`] keeps the image lock with the running device.
 
 pub mod commands;
 pub mod config;
 pub mod device;
+pub mod dirty;
 pub mod filter;
+pub mod handover;
+pub mod inflight;
 pub mod keys;
 pub mod request;
 pub mod server;
@@ -22,6 +29,6 @@ pub mod worker;
 mod sys;
 
 /// Guest memory as mapped from the frontend's memory table.
-pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
+pub type GuestMem = vm_memory::GuestMemoryMmap<dirty::DirtyLog>;
 /// The atomically replaceable view of guest memory the vhost-user crates use.
 pub type GuestMemAtomic = vm_memory::GuestMemoryAtomic<GuestMem>;

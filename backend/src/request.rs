@@ -102,6 +102,9 @@ pub struct Request {
     pub(crate) status_addr: GuestAddress,
     /// Bytes written into guest buffers, reported in the used ring.
     pub(crate) written: u32,
+    /// The guest ranges the device writes through `iovs` (reads, GET_ID),
+    /// logged as dirty while QEMU migrates.
+    pub(crate) dirty: Vec<(GuestAddress, usize)>,
 }
 
 impl Default for Request {
@@ -116,6 +119,7 @@ impl Default for Request {
             head: 0,
             status_addr: GuestAddress(0),
             written: 0,
+            dirty: Vec::new(),
         }
     }
 }
@@ -177,6 +181,7 @@ pub fn parse(
 ) -> Result<(), ParseError> {
     req.head = head;
     req.iovs.clear();
+    req.dirty.clear();
     req.bounce = None;
     req.written = 0;
 
@@ -297,6 +302,9 @@ pub fn parse(
                     return Err(refuse(Status::IoErr, "data segment larger than size_max"));
                 }
                 map_region(mem, r, &mut req.iovs)?;
+                if want_writable {
+                    req.dirty.push((r.addr, r.len as usize));
+                }
                 total += r.len;
             }
             req.len = total;
@@ -403,6 +411,8 @@ fn map_region(mem: &GuestMem, r: Region, iovs: &mut Vec<Iov>) -> Result<(), Pars
     }
     Ok(())
 }
+
+pub mod chain;
 
 #[cfg(test)]
 mod tests;

@@ -10,15 +10,17 @@ use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 
 use crate::config::{ImageSpec, ServeConfig};
 use crate::device::{BlockDevice, DeviceSettings};
 use crate::filter::{self, Encrypt, Filter};
+use crate::handover::Handover;
 use crate::keys::{self, KeyError};
 use crate::request::{Limits, ID_BYTES};
 use crate::storage::{self, Image, StorageError};
 use crate::worker::DiskInfo;
+use crate::GuestMem;
 
 /// Errors that stop `serve`.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +76,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     let image = match &cfg.image {
         ImageSpec::Null { size } => Image::Null { capacity: *size },
         ImageSpec::File(path) => {
-            let file = storage::open_locked(path, cfg.read_only)?;
+            let file = storage::open(path, cfg.read_only)?;
             if keys::is_luks(&file) {
                 let (header, key) = keys::unlock(path, &file, &cfg.keys)?;
                 filters
@@ -152,10 +154,17 @@ pub fn serve_image(
         filters = ?filters.iter().map(|f| f.name()).collect::<Vec<_>>(),
         "serving; waiting for a frontend"
     );
+    let handover = Arc::new(Handover::new(image.clone(), cfg.read_only));
     let mut listener = Listener::from(listener);
     loop {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let dev = BlockDevice::new(settings.clone(), &image, &filters, mem.clone())?;
+        let mem = GuestMemoryAtomic::new(GuestMem::new());
+        let dev = BlockDevice::new(
+            settings.clone(),
+            &image,
+            &filters,
+            mem.clone(),
+            handover.clone(),
+        )?;
         let mut daemon = VhostUserDaemon::new("vmcrypt".into(), dev.clone(), mem)
             .map_err(|e| ServeError::VhostUser(e.to_string()))?;
         dev.register_fds(&daemon.get_epoll_handlers())
@@ -173,9 +182,12 @@ pub fn serve_image(
             )) => tracing::info!("frontend disconnected"),
             Err(e) => tracing::warn!("frontend connection ended: {e}"),
         }
-        dev.drain();
+        // Stop the queues for good before anything is unmapped: what they
+        // took completes, nothing more is taken, and the image is flushed
+        // and released for whichever daemon runs the device next.
+        dev.shut();
         *lock(&shared.current) = None;
-        // Dropping the daemon stops and joins the queue threads.
+        // Dropping the daemon joins the queue threads and unmaps guest memory.
     }
 }
 

@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 
@@ -21,7 +22,9 @@ pub enum StorageError {
     Open { path: PathBuf, source: io::Error },
     #[error("image {path} is not a regular file or block device")]
     NotAFile { path: PathBuf },
-    #[error("image {path} is in use by another process (it holds the image lock)")]
+    #[error(
+        "image {path} is in use: another vmcrypt runs a device on it (it holds the image lock)"
+    )]
     Locked { path: PathBuf },
     #[error("image {path}: size {size} is not a multiple of the block size {block_size}")]
     Misaligned {
@@ -82,11 +85,53 @@ impl Image {
         }
     }
 
-    /// Drops the image lock (on the way out).
+    /// Takes the image lock: exclusive for a writable disk, shared for a
+    /// read-only one. A daemon that just died may hold it a moment longer
+    /// (its io_uring releases the file asynchronously), so this retries
+    /// until `wait` has passed.
+    pub fn lock(&self, read_only: bool, wait: Duration) -> Result<(), StorageError> {
+        let Image::File { file, path, .. } = self else {
+            return Ok(());
+        };
+        let op = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        let deadline = Instant::now() + wait;
+        loop {
+            // SAFETY: flock on a valid, open file descriptor; no pointers involved.
+            if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(StorageError::Locked { path: path.clone() });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Drops the image lock.
     pub fn unlock(&self) {
         if let Image::File { file, .. } = self {
             // SAFETY: flock on a valid, open file descriptor.
             unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
+
+    /// Drops the image's clean pages from this host's page cache, so that
+    /// what another host wrote while it ran the disk is read afresh.
+    pub fn drop_cache(&self) {
+        if let Image::File { file, .. } = self {
+            // SAFETY: posix_fadvise on a valid descriptor with integer arguments.
+            let rc =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            if rc != 0 {
+                tracing::debug!(
+                    "dropping the image's page cache: {}",
+                    io::Error::from_raw_os_error(rc)
+                );
+            }
         }
     }
 
@@ -99,9 +144,9 @@ impl Image {
     }
 }
 
-/// Opens the image and takes an exclusive advisory lock on it, so two
-/// daemons never serve the same image.
-pub fn open_locked(path: &Path, read_only: bool) -> Result<File, StorageError> {
+/// Opens the image (a regular file or a block device). The image lock is
+/// not taken here but when a frontend starts the device (see `handover`).
+pub fn open(path: &Path, read_only: bool) -> Result<File, StorageError> {
     let file = OpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -121,24 +166,7 @@ pub fn open_locked(path: &Path, read_only: bool) -> Result<File, StorageError> {
     if !(ft.is_file() || ft.is_block_device()) {
         return Err(StorageError::NotAFile { path: path.into() });
     }
-    let op = if read_only {
-        libc::LOCK_SH
-    } else {
-        libc::LOCK_EX
-    };
-    // A daemon that just exited may hold the lock a little longer (its
-    // io_uring releases the file asynchronously): retry for a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        // SAFETY: flock on a valid, open file descriptor; no pointers involved.
-        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
-            return Ok(file);
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(StorageError::Locked { path: path.into() });
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    Ok(file)
 }
 
 /// The size of a file or block device in bytes.

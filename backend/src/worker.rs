@@ -15,10 +15,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringMutex, VringState, VringT};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
+use crate::dirty;
 use crate::filter::{Outcome, Pipeline};
+use crate::handover::Handover;
+use crate::inflight::QueueInflight;
+use crate::request::chain::Chain;
 use crate::request::{self, Iov, Limits, Op, ParseError, Request, Status, ID_BYTES};
 use crate::storage::{IoOp, QueueStorage, Submitted};
 use crate::sys::TimerFd;
@@ -79,6 +84,34 @@ pub struct QueueWorker {
     poll_max_ns: u64,
     /// When the thread last went back to waiting for events.
     idle_since: Option<Instant>,
+    /// Requests are taken only while this daemon's device holds the image.
+    handover: Arc<Handover>,
+    /// The queue's part of the frontend's in-flight region, if it set one up.
+    inflight: Option<QueueInflight>,
+    /// The in-flight region must be read before the next request is taken
+    /// (a region was handed over, or the ring was stopped).
+    recover_pending: bool,
+    /// Heads taken before a restart, to run again before new requests.
+    resubmit: VecDeque<u16>,
+    /// Order of the next head taken, recorded in the in-flight region.
+    counter: u64,
+    /// By head index: taken from the ring and not yet returned. A head the
+    /// guest publishes again while in flight is not taken twice, and a head
+    /// is never returned twice.
+    taken: Vec<bool>,
+}
+
+/// Logs a warning at most once a second per call site.
+macro_rules! warn_limited {
+    ($($arg:tt)*) => {{
+        static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if LAST.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+            tracing::warn!($($arg)*);
+        }
+    }};
 }
 
 impl QueueWorker {
@@ -89,6 +122,7 @@ impl QueueWorker {
         pipeline: Pipeline,
         storage: QueueStorage,
         poll_max: Duration,
+        handover: Arc<Handover>,
     ) -> io::Result<Self> {
         Ok(QueueWorker {
             index,
@@ -107,7 +141,24 @@ impl QueueWorker {
             poll_ns: 0,
             poll_max_ns: poll_max.as_nanos() as u64,
             idle_since: None,
+            handover,
+            inflight: None,
+            recover_pending: false,
+            resubmit: VecDeque::new(),
+            counter: 1,
+            taken: Vec::new(),
         })
+    }
+
+    /// The frontend handed over an in-flight region (`SET_INFLIGHT_FD`).
+    pub fn set_inflight(&mut self, inflight: Option<QueueInflight>) {
+        self.inflight = inflight;
+        self.recover_pending = true;
+    }
+
+    /// The ring was stopped: when it starts again, read the region afresh.
+    pub fn restart_pending(&mut self) {
+        self.recover_pending = true;
     }
 
     /// The fds the queue thread must also wait on: storage completions and the timer.
@@ -159,7 +210,10 @@ impl QueueWorker {
             queue
                 .disable_notification(&*mem)
                 .map_err(io::Error::other)?;
-            if !self.stopped {
+            if !self.stopped && queue.ready() && self.handover.is_held() {
+                if self.recover_pending {
+                    self.recover(queue, &mem);
+                }
                 self.take_requests(queue, &mem);
             }
             self.kick_storage(&mut state, &mem)?;
@@ -177,24 +231,122 @@ impl QueueWorker {
         Ok(())
     }
 
-    /// Pops and starts every available request.
+    /// Reads the in-flight region as the ring starts: heads a previous run
+    /// took and did not return are queued for resubmission, and the ring
+    /// continues after them.
+    fn recover(&mut self, queue: &mut Queue, mem: &GuestMem) {
+        self.recover_pending = false;
+        self.taken.clear();
+        self.resubmit.clear();
+        let Some(inflight) = &self.inflight else {
+            return;
+        };
+        if queue.size() > inflight.desc_num() {
+            tracing::warn!(
+                queue = self.index,
+                "queue of {} entries, in-flight region for {}: requests are not tracked",
+                queue.size(),
+                inflight.desc_num()
+            );
+            self.inflight = None;
+            return;
+        }
+        let ring_used = match queue.used_idx(mem, Ordering::Acquire) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(queue = self.index, "reading the used index: {e}");
+                return;
+            }
+        };
+        let rec = match inflight.recover(ring_used.0) {
+            Ok(rec) => rec,
+            Err(e) => {
+                tracing::warn!(queue = self.index, "{e}; requests are not tracked");
+                self.inflight = None;
+                return;
+            }
+        };
+        self.counter = rec.next_counter;
+        if rec.fresh {
+            return;
+        }
+        for &head in &rec.resubmit {
+            self.set_taken(head, true);
+        }
+        self.resubmit.extend(rec.resubmit);
+        let n = self.resubmit.len() as u16;
+        queue.set_next_avail(ring_used.0.wrapping_add(n));
+        queue.set_next_used(ring_used.0);
+        if n > 0 {
+            tracing::info!(
+                queue = self.index,
+                requests = n,
+                "resubmitting requests in flight before the restart"
+            );
+        }
+    }
+
+    fn is_taken(&self, head: u16) -> bool {
+        self.taken.get(usize::from(head)).copied().unwrap_or(false)
+    }
+
+    fn set_taken(&mut self, head: u16, taken: bool) {
+        let i = usize::from(head);
+        if i >= self.taken.len() {
+            self.taken.resize(i + 1, false);
+        }
+        self.taken[i] = taken;
+    }
+
+    /// Resubmits what a restart left in flight, then pops and starts every
+    /// available request.
     fn take_requests(&mut self, queue: &mut Queue, mem: &Arc<GuestMem>) {
         let now = Instant::now();
+        while let Some(head) = self.resubmit.pop_front() {
+            let table = GuestAddress(queue.desc_table());
+            let chain = Chain::new(mem, table, queue.size(), head);
+            self.take(head, chain, queue, mem, now);
+        }
         while let Some(chain) = queue.pop_descriptor_chain(&**mem) {
             let head = chain.head_index();
-            let idx = self.alloc_slot();
-            let slot = &mut self.slots[idx];
-            match request::parse(mem, head, chain, &self.disk.limits, &mut slot.req) {
-                Ok(()) => {
-                    slot.req.started = now;
-                    slot.mem = Some(mem.clone());
-                    slot.stage = 0;
-                    slot.done = 0;
-                    slot.punch_fallback = false;
-                    self.start(idx, queue, mem, now);
-                }
-                Err(e) => self.refuse(idx, e, queue, mem),
+            if self.is_taken(head) {
+                warn_limited!(
+                    queue = self.index,
+                    head,
+                    "the guest published a request again while it is in flight; ignored"
+                );
+                continue;
             }
+            self.set_taken(head, true);
+            if let Some(inflight) = &self.inflight {
+                inflight.take(head, self.counter);
+                self.counter += 1;
+            }
+            self.take(head, chain, queue, mem, now);
+        }
+    }
+
+    /// Parses the chain at `head` and starts it, or refuses it.
+    fn take(
+        &mut self,
+        head: u16,
+        descs: impl Iterator<Item = Descriptor>,
+        queue: &mut Queue,
+        mem: &Arc<GuestMem>,
+        now: Instant,
+    ) {
+        let idx = self.alloc_slot();
+        let slot = &mut self.slots[idx];
+        match request::parse(mem, head, descs, &self.disk.limits, &mut slot.req) {
+            Ok(()) => {
+                slot.req.started = now;
+                slot.mem = Some(mem.clone());
+                slot.stage = 0;
+                slot.done = 0;
+                slot.punch_fallback = false;
+                self.start(idx, queue, mem, now);
+            }
+            Err(e) => self.refuse(idx, e, queue, mem),
         }
     }
 
@@ -318,6 +470,10 @@ impl QueueWorker {
 
     /// Writes the status byte (if the chain has one), returns the chain to
     /// the guest with `written` data bytes, and frees its slot.
+    ///
+    /// While QEMU migrates, the guest pages written behind vm-memory's back
+    /// (data read from storage or decrypted, GET_ID) are logged first; the
+    /// in-flight region brackets the used element (see `inflight`).
     fn give_back(
         &mut self,
         idx: usize,
@@ -326,7 +482,22 @@ impl QueueWorker {
         queue: &mut Queue,
         mem: &GuestMem,
     ) {
+        self.free.push(idx);
         let req = &self.slots[idx].req;
+        let head = req.head;
+        if !self.is_taken(head) {
+            tracing::error!(
+                queue = self.index,
+                head,
+                "request returned twice; not published"
+            );
+            return;
+        }
+        if dirty::logging() {
+            for &(addr, len) in &req.dirty {
+                dirty::mark(mem, addr, len);
+            }
+        }
         let used = match status {
             Some(st) => {
                 if mem.write_obj(st as u8, req.status_addr).is_err() {
@@ -336,14 +507,20 @@ impl QueueWorker {
             }
             None => 0,
         };
-        if let Err(e) = queue.add_used(mem, req.head, used) {
+        if let Some(inflight) = &self.inflight {
+            inflight.begin_return(head);
+        }
+        if let Err(e) = queue.add_used(mem, head, used) {
             tracing::warn!(
                 queue = self.index,
                 "cannot return a request to the ring: {e}"
             );
         }
+        if let Some(inflight) = &self.inflight {
+            inflight.end_return(head, queue.next_used());
+        }
+        self.set_taken(head, false);
         self.returned = true;
-        self.free.push(idx);
     }
 
     /// Sends slot `idx` down the pipeline from the stage it stands at, then to
@@ -580,6 +757,21 @@ impl QueueWorker {
         slot.mem = None;
         slot.req.bounce = None;
         self.give_back(idx, Some(status), written, queue, mem);
+    }
+}
+
+impl Drop for QueueWorker {
+    /// Storage operations still in flight point into guest memory and
+    /// bounce buffers that the slots keep mapped: wait for them before the
+    /// slots (and the ring) are freed. `stop` normally leaves none.
+    fn drop(&mut self) {
+        while self.storage.in_flight() > 0 {
+            if let Err(e) = self.storage.kick(1) {
+                tracing::error!(queue = self.index, "waiting for storage: {e}");
+                break;
+            }
+            self.storage.reap(|_, _| {});
+        }
     }
 }
 

@@ -517,18 +517,60 @@ fn start_up_errors_are_one_line_and_non_zero() {
     assert_eq!(std::fs::read(&plain).unwrap(), b"not a socket");
 }
 
+/// A frontend start that may fail: connect, start, map a buffer region.
+fn try_start(socket: &std::path::Path) -> Result<blkio::Blkio, String> {
+    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").map_err(|e| e.to_string())?;
+    b.set_str("path", socket.to_str().unwrap())
+        .map_err(|e| e.to_string())?;
+    b.connect().map_err(|e| e.to_string())?;
+    b.set_i32("num-queues", 1).map_err(|e| e.to_string())?;
+    b.start().map_err(|e| e.to_string())?;
+    let r = b.alloc_mem_region(2 << 20).map_err(|e| e.to_string())?;
+    b.map_mem_region(&r).map_err(|e| e.to_string())?;
+    Ok(b)
+}
+
 #[test]
-fn image_is_locked_against_a_second_daemon() {
+fn image_is_held_by_the_running_device_only() {
+    // Two daemons may hold one image open (a migration's source and
+    // destination); only the one whose device runs may use it.
     let dir = tempfile::tempdir().unwrap();
     let (d, img) = serve_raw(dir.path(), MIB, &[]);
-    let out = Command::new(BIN)
-        .args(["serve", "--image", img.to_str().unwrap(), "--socket"])
-        .arg(dir.path().join("other.sock"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another process"));
-    drop(d);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    f.buf(0, 4096).copy_from_slice(&pattern(3, 4096));
+    assert_eq!(f.write(0, 0, 0, 4096), 0);
+    assert_eq!(f.flush(0), 0);
+    let before = std::fs::read(&img).unwrap();
+
+    // The second daemon starts and waits; its device start is refused.
+    let d2 = Daemon::start(dir.path(), "second", &["--image", img.to_str().unwrap()]);
+    let refused = try_start(&d2.socket);
+    assert!(refused.is_err(), "second device started beside the first");
+    assert!(
+        d2.log_text()
+            .contains("another vmcrypt runs a device on it"),
+        "{}",
+        d2.log_text()
+    );
+    assert!(std::fs::read(&img).unwrap() == before, "image changed");
+    // The first device is undisturbed.
+    assert_eq!(f.read(0, 0, 8192, 4096), 0);
+    assert_eq!(f.buf(8192, 4096), &pattern(3, 4096)[..]);
+
+    // Once the first device stops (its frontend goes away), the second
+    // takes over and reads what the first wrote.
+    drop(f);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log_text().contains("lock released") {
+        assert!(Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(refused);
+    let mut g = Frontend::connect(&d2.socket, 1, MIB as usize);
+    assert_eq!(g.read(0, 0, 0, 4096), 0);
+    assert_eq!(g.buf(0, 4096), &pattern(3, 4096)[..]);
+    // And now the first one is refused in turn.
+    assert!(try_start(&d.socket).is_err());
 }
 
 #[test]
