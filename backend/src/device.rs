@@ -225,6 +225,15 @@ impl VhostUserBackend for BlockDevice {
         self.0.event_idx.store(enabled, Ordering::Relaxed);
     }
 
+    /// `SET_FEATURES`: QEMU sends it every time it starts the device, also
+    /// when the memory table is unchanged and so not sent again (a guest
+    /// driver reset, a VM resumed after a failed migration): take the image.
+    /// This message cannot be refused; a refusal shows at the memory table,
+    /// and the queues take no request without the lock.
+    fn acked_features(&self, _features: u64) {
+        let _ = self.0.handover.device_started();
+    }
+
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let c = &self.0.config;
         let start = (offset as usize).min(c.len());
@@ -237,7 +246,8 @@ impl VhostUserBackend for BlockDevice {
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
         // The workers hold the same GuestMemoryAtomic and load the new table
         // on their next event; in-flight requests keep the old one mapped.
-        // The first table with memory in it starts the device: take the image.
+        // A table with memory in it starts the device: take the image, or
+        // refuse the table if another daemon's device runs on it.
         if mem.memory().num_regions() > 0 {
             self.0.handover.device_started().map_err(io::Error::other)?;
         }
@@ -315,7 +325,9 @@ impl VhostUserBackend for BlockDevice {
             e if e == self.storage_event() => {
                 w.on_storage(vring, self.0.event_idx.load(Ordering::Relaxed))
             }
-            e if e == self.timer_event() => w.on_timer(vring),
+            e if e == self.timer_event() => {
+                w.on_timer(vring, self.0.event_idx.load(Ordering::Relaxed))
+            }
             e => {
                 tracing::warn!(thread_id, event = e, "unexpected event");
                 Ok(())

@@ -31,6 +31,10 @@ use crate::{GuestMem, GuestMemAtomic};
 
 pub type Vring = VringMutex<GuestMemAtomic>;
 
+/// How long after `SET_INFLIGHT_FD` a queue looks for its ring to start, to
+/// resubmit requests without a kick.
+const RECOVERY_WAIT: Duration = Duration::from_secs(5);
+
 /// Completions between notifications of the guest within one batch.
 const NOTIFY_EVERY: usize = 8;
 
@@ -91,6 +95,8 @@ pub struct QueueWorker {
     /// The in-flight region must be read before the next request is taken
     /// (a region was handed over, or the ring was stopped).
     recover_pending: bool,
+    /// Until when the timer looks for the ring to start after a region arrived.
+    recover_until: Option<Instant>,
     /// Heads taken before a restart, to run again before new requests.
     resubmit: VecDeque<u16>,
     /// Order of the next head taken, recorded in the in-flight region.
@@ -144,6 +150,7 @@ impl QueueWorker {
             handover,
             inflight: None,
             recover_pending: false,
+            recover_until: None,
             resubmit: VecDeque::new(),
             counter: 1,
             taken: Vec::new(),
@@ -154,6 +161,11 @@ impl QueueWorker {
     pub fn set_inflight(&mut self, inflight: Option<QueueInflight>) {
         self.inflight = inflight;
         self.recover_pending = true;
+        let now = Instant::now();
+        self.recover_until = Some(now + RECOVERY_WAIT);
+        if let Err(e) = self.timer.arm(now + Duration::from_millis(10)) {
+            tracing::error!(queue = self.index, "cannot arm timer: {e}");
+        }
     }
 
     /// The ring was stopped: when it starts again, read the region afresh.
@@ -277,13 +289,11 @@ impl QueueWorker {
         let n = self.resubmit.len() as u16;
         queue.set_next_avail(ring_used.0.wrapping_add(n));
         queue.set_next_used(ring_used.0);
-        if n > 0 {
-            tracing::info!(
-                queue = self.index,
-                requests = n,
-                "resubmitting requests in flight before the restart"
-            );
-        }
+        tracing::info!(
+            queue = self.index,
+            requests = n,
+            "in-flight region read: resubmitting {n} requests taken before the restart"
+        );
     }
 
     fn is_taken(&self, head: u16) -> bool {
@@ -407,10 +417,31 @@ impl QueueWorker {
         }
     }
 
-    /// The timer fired: retry delayed requests, in order.
-    pub fn on_timer(&mut self, vring: &Vring) -> io::Result<()> {
+    /// The timer fired: retry delayed requests, in order, and resubmit what
+    /// a restart left in flight once the ring runs.
+    pub fn on_timer(&mut self, vring: &Vring, event_idx: bool) -> io::Result<()> {
         self.timer.consume();
-        self.run_deferred(vring, false)
+        self.run_deferred(vring, false)?;
+        self.poll_recovery(vring, event_idx)
+    }
+
+    /// Requests in flight before a restart are resubmitted without waiting
+    /// for the guest to kick (it may be waiting for them and have nothing
+    /// new to submit): until the ring runs, the timer checks every 10 ms, for
+    /// at most `RECOVERY_WAIT` after the region arrived.
+    fn poll_recovery(&mut self, vring: &Vring, event_idx: bool) -> io::Result<()> {
+        let now = Instant::now();
+        if !self.recover_pending || self.recover_until.is_none_or(|t| now >= t) {
+            return Ok(());
+        }
+        let runs = vring.get_ref().get_queue().ready() && self.handover.is_held();
+        if runs && !self.stopped {
+            self.service(vring, event_idx)?;
+        }
+        if self.recover_pending {
+            self.timer.arm(now + Duration::from_millis(10))?;
+        }
+        Ok(())
     }
 
     /// Completes everything taken from the ring: delayed requests go down

@@ -6,6 +6,7 @@
 
 pub mod guest;
 pub mod libvirt;
+pub mod qmp;
 pub mod vm;
 pub mod vmcrypt;
 

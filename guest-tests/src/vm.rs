@@ -120,8 +120,19 @@ impl RunningVm {
         }
     }
 
+    /// What QEMU printed on stderr so far.
+    pub fn qemu_stderr(&self) -> String {
+        std::fs::read_to_string(&self.qemu_err).unwrap_or_default()
+    }
+
     /// Waits for the guest to power off and collects what it printed.
-    pub fn finish(mut self) -> Result<GuestRun, String> {
+    pub fn finish(self) -> Result<GuestRun, String> {
+        self.finish_after("")
+    }
+
+    /// As `finish`, with `before` (what the guest printed on the source of a
+    /// migration) in front of this console's output.
+    pub fn finish_after(mut self, before: &str) -> Result<GuestRun, String> {
         let status = loop {
             if let Some(s) = self.child.try_wait().map_err(|e| e.to_string())? {
                 break Some(s);
@@ -133,7 +144,7 @@ impl RunningVm {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let console = self.console();
+        let console = format!("{before}{}", self.console());
         let qemu_err = std::fs::read_to_string(&self.qemu_err).unwrap_or_default();
         GuestRun::from_console(
             console,
@@ -327,19 +338,35 @@ impl Vm {
     /// Boots the guest with `script` and returns while it runs.
     pub fn spawn(&self, script: &str, work: &Path) -> Result<RunningVm, String> {
         let initrd = self.image.with_script(script, work)?;
-        let console = work.join("console.log");
+        self.spawn_with(&initrd, work, "guest", &[])
+    }
+
+    /// Starts QEMU with a prepared `initrd`, its console and logs named
+    /// after `name` in `work`, and `extra` arguments (a QMP socket, or
+    /// `-incoming` for the destination of a migration, which must be started
+    /// with the same initrd as its source).
+    pub fn spawn_with(
+        &self,
+        initrd: &Path,
+        work: &Path,
+        name: &str,
+        extra: &[String],
+    ) -> Result<RunningVm, String> {
+        let console = work.join(format!("{name}.console.log"));
         let _ = std::fs::remove_file(&console);
+        let qemu_err = work.join(format!("{name}.qemu.err"));
         let child = self
-            .command(&initrd, &console)
+            .command(initrd, &console)
+            .args(extra)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(work.join("qemu.log")).unwrap())
-            .stderr(std::fs::File::create(work.join("qemu.err")).unwrap())
+            .stdout(std::fs::File::create(work.join(format!("{name}.qemu.log"))).unwrap())
+            .stderr(std::fs::File::create(&qemu_err).unwrap())
             .spawn()
             .map_err(|e| format!("starting qemu-system-x86_64: {e}"))?;
         Ok(RunningVm {
             child,
             console,
-            qemu_err: work.join("qemu.err"),
+            qemu_err,
             start: Instant::now(),
             timeout: self.timeout,
         })

@@ -29,6 +29,26 @@ pub fn binary() -> PathBuf {
     .clone()
 }
 
+/// `vmcrypt create` an encrypted image `dir/name` of `size` (e.g. "256M"),
+/// its KEK in the local key store `dir/keys`.
+pub fn create_encrypted(dir: &Path, name: &str, size: &str) -> Result<PathBuf, String> {
+    let img = dir.join(name);
+    let out = Command::new(binary())
+        .arg("create")
+        .arg(&img)
+        .args(["--size", size, "--keystore"])
+        .arg(dir.join("keys"))
+        .output()
+        .map_err(|e| format!("vmcrypt create: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "vmcrypt create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(img)
+}
+
 /// What vmcrypt logs once it listens.
 const READY: &str = "waiting for a frontend";
 
@@ -98,6 +118,12 @@ impl Vmcrypt {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would: nothing is completed or flushed.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM, then wait for the exit status.

@@ -69,24 +69,7 @@ fn raw_disk_boots_and_fio_verify_passes() {
 
 /// `vmcrypt create` an encrypted image in `dir` with a local key store.
 fn encrypted_image(dir: &Path, name: &str, size: &str) -> std::path::PathBuf {
-    let img = dir.join(name);
-    let out = std::process::Command::new(guest_tests::vmcrypt::binary())
-        .args([
-            "create",
-            img.to_str().unwrap(),
-            "--size",
-            size,
-            "--keystore",
-        ])
-        .arg(dir.join("keys"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    img
+    guest_tests::vmcrypt::create_encrypted(dir, name, size).unwrap()
 }
 
 #[test]

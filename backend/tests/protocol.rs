@@ -1,0 +1,394 @@
+//! The vhost-user protocol driven message by message, with the `vhost`
+//! crate's frontend and a virtqueue laid out by hand in shared memory: what
+//! libblkio cannot show. The dirty log QEMU reads while it migrates, and the
+//! in-flight region a crashed vmcrypt's successor resubmits from.
+
+mod common;
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use vhost::vhost_user::message::VhostUserInflight;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM_SIZE: usize = 1 << 20;
+const QUEUE_SIZE: u16 = 16;
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+const PAGE: u64 = 4096;
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+
+fn memfd(name: &std::ffi::CStr, len: usize) -> File {
+    // SAFETY: a NUL-terminated name and valid flags.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a new descriptor nothing else owns.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len as u64).unwrap();
+    f
+}
+
+/// Guest memory: a memfd mapped here and shared with vmcrypt, GPA 0 up.
+struct Memory {
+    file: File,
+    ptr: *mut u8,
+}
+
+impl Memory {
+    fn new() -> Memory {
+        let file = memfd(c"guest", MEM_SIZE);
+        // SAFETY: a shared mapping of the whole memfd.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        Memory {
+            file,
+            ptr: ptr.cast(),
+        }
+    }
+
+    /// Copies `len` bytes of guest memory out.
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        assert!(gpa as usize + len <= MEM_SIZE);
+        let mut out = vec![0u8; len];
+        // SAFETY: inside the mapping; the tests read ranges vmcrypt is done
+        // with (after their request completed).
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), out.as_mut_ptr(), len) };
+        out
+    }
+
+    /// Copies `bytes` into guest memory.
+    fn write(&self, gpa: u64, bytes: &[u8]) {
+        assert!(gpa as usize + bytes.len() <= MEM_SIZE);
+        // SAFETY: inside the mapping; vmcrypt does not use the range before
+        // the request naming it is published.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(gpa as usize), bytes.len())
+        };
+    }
+
+    fn u16(&self, gpa: u64) -> u16 {
+        // SAFETY: an aligned u16 inside the mapping, read volatile since
+        // vmcrypt writes it.
+        unsafe { std::ptr::read_volatile(self.ptr.add(gpa as usize).cast::<u16>()) }
+    }
+
+    fn set_u16(&self, gpa: u64, v: u16) {
+        // SAFETY: an aligned u16 inside the mapping.
+        unsafe { std::ptr::write_volatile(self.ptr.add(gpa as usize).cast::<u16>(), v) }
+    }
+
+    /// Writes descriptor `i`.
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        self.write(DESC + 16 * u64::from(i), &d);
+    }
+
+    /// A three-descriptor request at heads `h, h+1, h+2`: header, data, status.
+    fn request(&self, h: u16, ty: u32, sector: u64, data: u64, len: u32) -> u64 {
+        let hdr = 0x4000 + 64 * u64::from(h);
+        let status = 0x5000 + u64::from(h);
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&ty.to_le_bytes());
+        header[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.write(hdr, &header);
+        self.write(status, &[0xff]);
+        let dir = if ty == T_IN { WRITE } else { 0 };
+        self.desc(h, hdr, 16, NEXT, h + 1);
+        self.desc(h + 1, data, len, dir | NEXT, h + 2);
+        self.desc(h + 2, status, 1, WRITE, 0);
+        status
+    }
+
+    /// Publishes head `h` in the available ring.
+    fn publish(&self, h: u16) {
+        let idx = self.u16(AVAIL + 2);
+        self.set_u16(AVAIL + 4 + 2 * u64::from(idx % QUEUE_SIZE), h);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.set_u16(AVAIL + 2, idx.wrapping_add(1));
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.u16(USED + 2)
+    }
+
+    /// The heads in the used ring, in order.
+    fn used_heads(&self) -> Vec<u16> {
+        (0..self.used_idx())
+            .map(|i| self.u16(USED + 4 + 8 * u64::from(i % QUEUE_SIZE)))
+            .collect()
+    }
+
+    fn wait_used(&self, n: u16, what: &str, d: &Daemon) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.used_idx() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: used index {} of {n}\n{}",
+                self.used_idx(),
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// A frontend that sets the device up as QEMU does, on queue 0.
+struct Device {
+    fe: Frontend,
+    kick: EventFd,
+    _call: EventFd,
+}
+
+impl Device {
+    fn connect(socket: &Path, features: u64) -> Device {
+        let mut fe = Frontend::connect(socket, 1).unwrap();
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        let want =
+            features | VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        assert_eq!(offered & want, want, "features {offered:#x}");
+        fe.set_features(want).unwrap();
+        let proto = fe.get_protocol_features().unwrap();
+        let need = VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ;
+        assert!(proto.contains(need), "protocol features {proto:?}");
+        fe.set_protocol_features(need).unwrap();
+        Device {
+            fe,
+            kick: EventFd::new(0).unwrap(),
+            _call: EventFd::new(0).unwrap(),
+        }
+    }
+
+    /// Memory table, ring addresses, base, kick and call, enable.
+    fn start(&mut self, mem: &Memory, base: u16) {
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: mem.ptr as u64,
+            mmap_offset: 0,
+            mmap_handle: mem.file.as_raw_fd(),
+        };
+        self.fe.set_mem_table(&[region]).unwrap();
+        self.fe.set_vring_num(0, QUEUE_SIZE).unwrap();
+        let va = |gpa: u64| mem.ptr as u64 + gpa;
+        self.fe
+            .set_vring_addr(
+                0,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: va(DESC),
+                    used_ring_addr: va(USED),
+                    avail_ring_addr: va(AVAIL),
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+        self.fe.set_vring_base(0, base).unwrap();
+        self.fe.set_vring_kick(0, &self.kick).unwrap();
+        self.fe.set_vring_call(0, &self._call).unwrap();
+        self.fe.set_vring_enable(0, true).unwrap();
+    }
+
+    fn kick(&self) {
+        self.kick.write(1).unwrap();
+    }
+}
+
+fn raw_image(dir: &Path, seed: u64) -> std::path::PathBuf {
+    let img = dir.join("disk.img");
+    std::fs::write(&img, pattern(seed, 1 << 20)).unwrap();
+    img
+}
+
+fn log_bit(log: &[u8], gpa: u64) -> bool {
+    let page = gpa / PAGE;
+    log[(page / 8) as usize] & (1 << (page % 8)) != 0
+}
+
+/// While QEMU migrates, every guest page vmcrypt writes is logged: the data
+/// of a read (copied by the kernel, then decrypted or not, through raw
+/// pointers), the status byte and the used ring; pages it only reads are not.
+#[test]
+fn the_dirty_log_covers_what_vmcrypt_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 11);
+    let d = Daemon::start(dir.path(), "vmcrypt", &["--image", img.to_str().unwrap()]);
+    let mem = Memory::new();
+    let mut dev = Device::connect(&d.socket, VhostUserVirtioFeatures::LOG_ALL.bits());
+    dev.start(&mem, 0);
+
+    // A read before logging starts marks nothing (there is no log yet);
+    // then QEMU hands over the log.
+    let status = mem.request(0, T_IN, 8, 0x10000, 4096);
+    mem.publish(0);
+    dev.kick();
+    mem.wait_used(1, "read before logging", &d);
+    assert_eq!(mem.read(status, 1)[0], 0);
+
+    let log_len = 4096;
+    let log = memfd(c"log", log_len);
+    dev.fe
+        .set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: log_len as u64,
+                mmap_offset: 0,
+                mmap_handle: log.as_raw_fd(),
+            }),
+        )
+        .unwrap();
+    // Two reads into pages 0x20-0x21 (one 8 KiB buffer) and 0x30.
+    let s1 = mem.request(3, T_IN, 16, 0x20000, 8192);
+    let s2 = mem.request(6, T_IN, 0, 0x30000, 4096);
+    mem.publish(3);
+    mem.publish(6);
+    dev.kick();
+    mem.wait_used(3, "reads while logging", &d);
+    assert_eq!(mem.read(s1, 1)[0], 0);
+    assert_eq!(mem.read(s2, 1)[0], 0);
+    let image = std::fs::read(&img).unwrap();
+    assert_eq!(mem.read(0x20000, 8192), &image[8192..16384]);
+    assert_eq!(mem.read(0x30000, 4096), &image[..4096]);
+
+    let mut bits = vec![0u8; log_len];
+    use std::os::unix::fs::FileExt;
+    log.read_exact_at(&mut bits, 0).unwrap();
+    for (gpa, what) in [
+        (0x20000, "read data, first page"),
+        (0x21000, "read data, second page"),
+        (0x30000, "read data"),
+        (0x5000, "status bytes"),
+        (USED, "used ring"),
+    ] {
+        assert!(log_bit(&bits, gpa), "{what} ({gpa:#x}) not logged");
+    }
+    for (gpa, what) in [
+        (0x10000, "data read before logging started"),
+        (0x4000, "request headers (only read)"),
+        (DESC, "descriptor table (only read)"),
+        (0x40000, "untouched memory"),
+    ] {
+        assert!(!log_bit(&bits, gpa), "{what} ({gpa:#x}) logged");
+    }
+}
+
+/// vmcrypt is killed while a write waits behind the throttle and a later
+/// read has already completed (out of order). Its successor, handed the
+/// frontend's in-flight region, completes the write without a kick and
+/// never returns the read a second time.
+#[test]
+fn requests_in_flight_at_a_crash_are_resubmitted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 12);
+    let mut d = Daemon::start(
+        dir.path(),
+        "vmcrypt",
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--filter",
+            "throttle:write_bytes_sec=4k",
+        ],
+    );
+    let mem = Memory::new();
+    let mut dev = Device::connect(&d.socket, 0);
+    let (inflight, region) = dev
+        .fe
+        .get_inflight_fd(&VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: QUEUE_SIZE,
+        })
+        .unwrap();
+    dev.fe
+        .set_inflight_fd(&inflight, region.as_raw_fd())
+        .unwrap();
+    dev.start(&mem, 0);
+
+    // Write 1 empties the bucket; write 2 waits most of a second for it to
+    // refill; the read overtakes it.
+    mem.write(0x20000, &pattern(1, 4096));
+    mem.write(0x30000, &pattern(2, 4096));
+    mem.request(0, T_OUT, 0, 0x20000, 4096);
+    mem.request(3, T_OUT, 8, 0x30000, 4096);
+    mem.request(6, T_IN, 16, 0x40000, 4096);
+    for h in [0, 3, 6] {
+        mem.publish(h);
+    }
+    dev.kick();
+    mem.wait_used(2, "write 1 and the read", &d);
+    let mut done = mem.used_heads();
+    done.sort();
+    assert_eq!(done, [0, 6]);
+    let before = mem.used_heads();
+
+    // Crash with write 2 in flight. The frontend keeps memory and region.
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    drop(dev);
+    let used = mem.used_idx();
+    let d = Daemon::start(dir.path(), "vmcrypt", &["--image", img.to_str().unwrap()]);
+    let mut dev = Device::connect(&d.socket, 0);
+    dev.fe
+        .set_inflight_fd(&inflight, region.as_raw_fd())
+        .unwrap();
+    // QEMU could not read the ring state from the dead backend: it restarts
+    // the ring at the used index.
+    dev.start(&mem, used);
+    mem.wait_used(3, "write 2 resubmitted", &d);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        mem.used_heads(),
+        [&before[..], &[3]].concat(),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        d.log_text().contains("resubmitting 1 requests"),
+        "{}",
+        d.log_text()
+    );
+    let image = std::fs::read(&img).unwrap();
+    assert_eq!(&image[..4096], &pattern(1, 4096)[..]);
+    assert_eq!(&image[4096..8192], &pattern(2, 4096)[..]);
+
+    // New requests continue after the resubmitted one.
+    mem.request(9, T_IN, 8, 0x50000, 4096);
+    mem.publish(9);
+    dev.kick();
+    mem.wait_used(4, "a new read", &d);
+    assert_eq!(mem.used_heads(), [&before[..], &[3, 9]].concat());
+    assert_eq!(mem.read(0x50000, 4096), &pattern(2, 4096)[..]);
+}

@@ -1,0 +1,300 @@
+//! The device's life under a running guest: vmcrypt killed while requests
+//! are in flight, and live migration between two QEMUs, each with its own
+//! vmcrypt on the same encrypted image.
+//!
+//! Run one case alone with `cargo test -p guest-tests --test lifecycle -- CASE`.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use guest_tests::qmp::{self, Qmp};
+use guest_tests::vm::{fio_errors, fio_summary};
+use guest_tests::vmcrypt::create_encrypted;
+use guest_tests::{Accel, Disk, GuestImage, GuestRun, Vm, Vmcrypt};
+
+/// Guests run one at a time: the machine has two cores.
+static ONE_GUEST: Mutex<()> = Mutex::new(());
+
+fn setup() -> (GuestImage, Accel, std::sync::MutexGuard<'static, ()>) {
+    let lock = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let image = GuestImage::prepare().expect("prepare guest");
+    let accel = Accel::detect(&image);
+    eprintln!("guest accelerator: {accel:?}");
+    (image, accel, lock)
+}
+
+/// Lines of the guest's kernel log that mean a request was lost or returned
+/// twice; the script prints them in section "dmesg" and fails on them.
+const DMESG_CHECK: &str = r#"
+echo "=== BEGIN dmesg"; dmesg | grep -E "not a head|I/O error|blk_update_request|buffer I/O"; echo "=== END dmesg"
+if dmesg | grep -qE "not a head|I/O error|blk_update_request|buffer I/O"; then exit 20; fi
+"#;
+
+fn expect_clean(run: &GuestRun, logs: &str) {
+    assert_eq!(
+        run.rc,
+        Some(0),
+        "guest script failed:\n{}\nvmcrypt:\n{logs}",
+        run.tail()
+    );
+    assert_eq!(run.section("dmesg").as_deref(), Some(""), "{}", run.tail());
+}
+
+fn serve_args<'a>(img: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--image", img.to_str().unwrap(), "--num-queues", "2"];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// fio verify in the guest while vmcrypt is SIGKILLed and restarted three
+/// times. Writes are throttled, so reads overtake them and completions come
+/// back out of order: without in-flight tracking the guest then sees heads
+/// returned twice ("not a head") or requests never completed.
+#[test]
+fn crash_under_load_loses_no_request() {
+    let (image, accel, _lock) = setup();
+    let work = tempfile::tempdir().unwrap();
+    let img = create_encrypted(work.path(), "disk.img", "256M").unwrap();
+    let extra = ["--filter", "throttle:write_iops_sec=400"];
+    let args = serve_args(&img, &extra);
+    let socket = work.path().join("vmcrypt.sock");
+    let mut d = Vmcrypt::start_on(&socket, work.path(), "vmcrypt", &args).unwrap();
+    let mut vm = Vm::new(&image, accel);
+    let mut disk = Disk::new(&socket);
+    disk.reconnect = true;
+    vm.disks.push(disk);
+    let script = format!(
+        r#"
+echo "=== FIO-START"
+echo "=== BEGIN fio"
+fio --output-format=json --name=crash --filename=/dev/vda --direct=1 --ioengine=libaio \
+    --iodepth=32 --rw=randrw --bs=4k --size=16M --offset_increment=64M --numjobs=2 \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --random_generator=tausworthe64
+rc=$?
+echo "=== END fio"
+{DMESG_CHECK}
+exit $rc
+"#
+    );
+    let mut running = vm.spawn(&script, work.path()).unwrap();
+    running.wait_for("=== FIO-START").unwrap();
+    for round in 1..=3 {
+        // Let requests pile up behind the throttle, then crash.
+        std::thread::sleep(Duration::from_millis(2000));
+        d.kill();
+        eprintln!("crash {round}: vmcrypt killed");
+        std::thread::sleep(Duration::from_millis(300));
+        d = Vmcrypt::start_on(&socket, work.path(), "vmcrypt", &args).unwrap();
+        // Wait for QEMU to reconnect to the new daemon (it retries every second).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while d.log_text().matches("frontend connected").count() <= round {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "QEMU did not reconnect:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let run = running
+        .finish()
+        .unwrap_or_else(|e| panic!("{e}\nvmcrypt log:\n{}", d.log_text()));
+    let log = d.log_text();
+    let fio = run.fio("fio").unwrap();
+    eprint!("{}", fio_summary(&fio));
+    let resubmitted: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("in-flight region read"))
+        .collect();
+    eprintln!("{}", resubmitted.join("\n"));
+    expect_clean(&run, &log);
+    assert_eq!(fio_errors(&fio), 0);
+    // Each of the three restarts read the region (two queues each), and
+    // requests in flight at a crash were resubmitted.
+    assert!(resubmitted.len() >= 6, "{log}");
+    assert!(
+        resubmitted
+            .iter()
+            .any(|l| !l.contains("resubmitting 0 requests")),
+        "no crash found requests in flight:\n{log}"
+    );
+    assert!(d.stop().success());
+}
+
+/// What a migration test saw.
+struct Migrated {
+    /// The guest's whole console: the source's, then the destination's.
+    run: GuestRun,
+    /// What the guest printed on the destination only.
+    after: String,
+    migration: qmp::Migration,
+    /// Both daemons' logs, for failure messages.
+    logs: String,
+}
+
+/// A source QEMU and a destination QEMU on this host, each with its own
+/// vmcrypt on the same encrypted image; `script` runs in the guest and
+/// prints "=== MIGRATE-NOW" when the migration should start.
+fn migrate_while(script: &str) -> Migrated {
+    let (image, accel, _lock) = setup();
+    let work = tempfile::tempdir().unwrap();
+    let img = create_encrypted(work.path(), "disk.img", "256M").unwrap();
+    let args = serve_args(&img, &[]);
+    let src_d = Vmcrypt::start(work.path(), "source", &args).unwrap();
+    let dst_d = Vmcrypt::start(work.path(), "destination", &args).unwrap();
+
+    let initrd = image.with_script(script, work.path()).unwrap();
+    let mut src_vm = Vm::new(&image, accel);
+    src_vm.disks.push(Disk::new(&src_d.socket));
+    let mut dst_vm = src_vm.clone();
+    dst_vm.disks[0] = Disk::new(&dst_d.socket);
+
+    let src_qmp = work.path().join("source.qmp");
+    let incoming = work.path().join("migrate.sock");
+    let mut src = src_vm
+        .spawn_with(
+            &initrd,
+            work.path(),
+            "source",
+            &[
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", src_qmp.display()),
+            ],
+        )
+        .unwrap();
+    let dst = dst_vm
+        .spawn_with(
+            &initrd,
+            work.path(),
+            "destination",
+            &["-incoming".into(), format!("unix:{}", incoming.display())],
+        )
+        .unwrap();
+    src.wait_for("=== MIGRATE-NOW")
+        .unwrap_or_else(|e| panic!("{e}\nsource vmcrypt:\n{}", src_d.log_text()));
+    let mut q = Qmp::connect(&src_qmp).unwrap();
+    let m = qmp::migrate(
+        &mut q,
+        &format!("unix:{}", incoming.display()),
+        Duration::from_secs(120),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nsource QEMU: {}\ndestination QEMU: {}\nsource vmcrypt:\n{}\ndestination vmcrypt:\n{}",
+            src.qemu_stderr(),
+            dst.qemu_stderr(),
+            src_d.log_text(),
+            dst_d.log_text()
+        )
+    });
+    eprintln!(
+        "migration: total {} ms, downtime {} ms",
+        m.total_ms, m.downtime_ms
+    );
+    let before = src.console();
+    drop(q);
+    drop(src);
+    let logs = format!(
+        "source vmcrypt:\n{}\ndestination vmcrypt:\n{}",
+        src_d.log_text(),
+        dst_d.log_text()
+    );
+    let run = dst
+        .finish_after(&before)
+        .unwrap_or_else(|e| panic!("{e}\n{logs}"));
+    let after = run.console[before.len()..].to_string();
+    // The source's device stopped and released the image, the
+    // destination's took it over.
+    assert!(src_d.log_text().contains("lock released"), "{logs}");
+    assert!(dst_d.log_text().contains("image lock taken"), "{logs}");
+    assert!(dst_d.stop().success());
+    Migrated {
+        run,
+        after,
+        migration: m,
+        logs,
+    }
+}
+
+/// The guest writes two patterns, A and B, then migrates. While it
+/// migrates it reads B once through the page cache (vmcrypt writes those
+/// pages, the guest CPU never touches them again) and re-reads A with direct
+/// I/O in a loop. On the destination, B is read again from the page cache:
+/// it is intact only if vmcrypt logged the pages it wrote during the
+/// migration, so QEMU sent them again.
+#[test]
+fn migration_keeps_data_read_back_across_it() {
+    let script = format!(
+        r#"
+dd if=/dev/urandom of=/tmp/a bs=1M count=16 2>/dev/null || exit 9
+dd if=/dev/urandom of=/tmp/b bs=1M count=16 2>/dev/null || exit 9
+dd if=/tmp/a of=/dev/vda bs=1M oflag=direct conv=fsync 2>/dev/null || exit 10
+dd if=/tmp/b of=/dev/vda bs=1M seek=16 oflag=direct conv=fsync 2>/dev/null || exit 10
+want_a=$(sha256sum < /tmp/a)
+want_b=$(sha256sum < /tmp/b)
+echo 3 > /proc/sys/vm/drop_caches
+echo "=== MIGRATE-NOW"
+sleep 1
+got=$(dd if=/dev/vda bs=1M skip=16 count=16 2>/dev/null | sha256sum)
+[ "$got" = "$want_b" ] || {{ echo "B differs before the migration ended"; exit 11; }}
+i=0
+while [ $i -lt 40 ]; do
+  got=$(dd if=/dev/vda bs=1M count=16 iflag=direct 2>/dev/null | sha256sum)
+  [ "$got" = "$want_a" ] || {{ echo "A differs in round $i"; exit 12; }}
+  echo "round $i verified"
+  i=$((i + 1))
+done
+echo "=== VERIFIED $i rounds"
+got=$(dd if=/dev/vda bs=1M skip=16 count=16 2>/dev/null | sha256sum)
+[ "$got" = "$want_b" ] || {{ echo "B in the page cache is stale after the migration"; exit 13; }}
+echo "=== PAGE CACHE INTACT"
+{DMESG_CHECK}
+"#
+    );
+    let m = migrate_while(&script);
+    expect_clean(&m.run, &m.logs);
+    assert!(
+        m.run.console.contains("=== VERIFIED 40 rounds"),
+        "{}",
+        m.run.tail()
+    );
+    assert!(
+        m.run.console.contains("=== PAGE CACHE INTACT"),
+        "{}",
+        m.run.tail()
+    );
+    // Rounds ran on the source while it migrated, and on the destination.
+    let rounds_after = m.after.matches(" verified").count();
+    eprintln!("verify rounds on the destination: {rounds_after} of 40");
+    assert!(rounds_after > 0 && rounds_after < 40, "{}", m.run.console);
+    assert!(m.migration.total_ms > 0);
+}
+
+/// fio keeps writing with verification while the guest migrates; its
+/// verify pass runs on the destination.
+#[test]
+fn migration_while_the_guest_writes() {
+    let script = format!(
+        r#"
+echo "=== MIGRATE-NOW"
+echo "=== BEGIN fio"
+fio --output-format=json --name=migrate --filename=/dev/vda --direct=1 --ioengine=libaio \
+    --iodepth=16 --rw=randwrite --bs=4k --size=24M --offset_increment=64M --numjobs=2 \
+    --rate_iops=400 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --random_generator=tausworthe64
+rc=$?
+echo "=== END fio"
+{DMESG_CHECK}
+exit $rc
+"#
+    );
+    let m = migrate_while(&script);
+    let fio = m.run.fio("fio").unwrap();
+    eprint!("{}", fio_summary(&fio));
+    expect_clean(&m.run, &m.logs);
+    assert_eq!(fio_errors(&fio), 0);
+    // fio was still running when the guest reached the destination.
+    assert!(!m.after.contains("=== BEGIN fio"), "{}", m.run.console);
+    assert!(m.after.contains("=== END fio"), "{}", m.run.console);
+}
