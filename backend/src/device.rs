@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::{
-    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use virtio_bindings::virtio_blk::*;
@@ -181,7 +181,7 @@ fn config_space(s: &DeviceSettings) -> [u8; CONFIG_LEN] {
 }
 
 impl VhostUserBackend for BlockDevice {
-    type Bitmap = DirtyLog;
+    type Bitmap = ();
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -230,8 +230,27 @@ impl VhostUserBackend for BlockDevice {
     /// driver reset, a VM resumed after a failed migration): take the image.
     /// This message cannot be refused; a refusal shows at the memory table,
     /// and the queues take no request without the lock.
-    fn acked_features(&self, _features: u64) {
+    ///
+    /// Without `VHOST_F_LOG_ALL` the frontend no longer wants dirty logging
+    /// (the migration ended or failed): the workers drop the log.
+    fn acked_features(&self, features: u64) {
         let _ = self.0.handover.device_started();
+        if features & VhostUserVirtioFeatures::LOG_ALL.bits() == 0 {
+            for q in 0..self.0.workers.len() {
+                self.worker(q).set_dirty_log(None);
+            }
+        }
+    }
+
+    /// `SET_LOG_BASE`: vmcrypt logs its writes to guest memory itself, so
+    /// guest memory carries no bitmap (see `dirty`).
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> io::Result<bool> {
+        let log = Arc::new(DirtyLog::map(log, file)?);
+        for q in 0..self.0.workers.len() {
+            self.worker(q).set_dirty_log(Some(log.clone()));
+        }
+        tracing::info!("dirty logging of guest memory started (migration)");
+        Ok(true)
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

@@ -2,133 +2,158 @@
 //! `VHOST_USER_PROTOCOL_F_LOG_SHMFD`).
 //!
 //! While QEMU migrates a VM it asks the backend to log every guest page the
-//! backend writes, in a bitmap QEMU shares (`SET_LOG_BASE`). Writes made
-//! through vm-memory (status bytes, used ring entries) are logged by the
-//! region's bitmap, [`DirtyLog`]; writes made through raw pointers (storage
-//! reading into guest buffers, decryption, GET_ID) are logged by the worker
-//! with [`mark`] before the request is returned to the guest.
+//! backend writes, in a bitmap QEMU shares (`SET_LOG_BASE`): bit `n` of the
+//! log stands for the 4 KiB guest page at guest physical address `n * 4096`.
+//! QEMU sends those pages again before the destination runs.
 //!
-//! vhost-user-backend's own [`BitmapMmapRegion`] takes a lock and clones an
-//! `Arc` on every guest memory access, logging or not. [`DirtyLog`] checks
-//! one flag that is only ever written when logging starts, so the I/O path
-//! pays nothing while no migration runs.
+//! vmcrypt writes guest memory in few places, all in the queue workers: the
+//! data of reads (storage, then decryption), GET_ID, status bytes, and the
+//! used ring. The worker logs them with [`DirtyLog::mark`] before the used
+//! element is published. Guest memory itself carries no bitmap (`()`), so
+//! the I/O path pays nothing while no migration runs (see vendor/README.md
+//! for what a bitmap in every memory region cost).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU8, Ordering};
 
-use vhost_user_backend::bitmap::{AtomicBitmapMmap, BitmapMmapRegion, BitmapReplace};
-use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
-use vm_memory::mmap::NewBitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vhost::vhost_user::message::VhostUserLog;
+use vm_memory::GuestAddress;
 
-use crate::GuestMem;
+/// Guest page size the log counts in.
+const LOG_PAGE: u64 = 4096;
 
-/// Set once any region's writes are logged: until then the workers skip
-/// logging their raw-pointer writes altogether.
-static LOGGING: AtomicBool = AtomicBool::new(false);
-
-/// Whether a frontend has asked for dirty logging (in this process's life).
-pub fn logging() -> bool {
-    LOGGING.load(Ordering::Relaxed)
+/// The frontend's dirty log, mapped into this process.
+#[derive(Debug)]
+pub struct DirtyLog {
+    ptr: *mut u8,
+    len: usize,
 }
 
-/// The dirty-page bitmap of one guest memory region.
-#[derive(Clone, Debug, Default)]
-pub struct DirtyLog(Arc<Inner>);
-
-#[derive(Debug, Default)]
-struct Inner {
-    /// Set once the frontend has handed over a log: until then nothing is logged.
-    active: AtomicBool,
-    log: BitmapMmapRegion,
-}
+// SAFETY: the mapping is shared memory touched only through atomic
+// fetch_or, and stays mapped until the log is dropped.
+unsafe impl Send for DirtyLog {}
+// SAFETY: as above.
+unsafe impl Sync for DirtyLog {}
 
 impl DirtyLog {
-    /// Whether this region's writes are being logged.
-    pub fn is_active(&self) -> bool {
-        self.0.active.load(Ordering::Acquire)
-    }
-}
-
-impl<'a> WithBitmapSlice<'a> for DirtyLog {
-    type S = RefSlice<'a, DirtyLog>;
-}
-
-impl Bitmap for DirtyLog {
-    fn mark_dirty(&self, offset: usize, len: usize) {
-        if self.is_active() {
-            self.0.log.mark_dirty(offset, len);
+    /// Maps the log QEMU hands over with `SET_LOG_BASE`.
+    pub fn map(log: &VhostUserLog, file: &File) -> io::Result<DirtyLog> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+        let len = usize::try_from(log.mmap_size)
+            .ok()
+            .filter(|&l| l > 0)
+            .ok_or_else(|| invalid(format!("dirty log of {} bytes", log.mmap_size)))?;
+        let file_len = file.metadata()?.len();
+        if log
+            .mmap_offset
+            .checked_add(log.mmap_size)
+            .is_none_or(|end| end > file_len)
+        {
+            return Err(invalid(format!(
+                "dirty log at offset {} of {} bytes lies beyond its file ({file_len} bytes)",
+                log.mmap_offset, log.mmap_size
+            )));
         }
-    }
-
-    fn dirty_at(&self, offset: usize) -> bool {
-        self.is_active() && self.0.log.dirty_at(offset)
-    }
-
-    fn slice_at(&self, offset: usize) -> RefSlice<'_, DirtyLog> {
-        RefSlice::new(self, offset)
-    }
-}
-
-impl NewBitmap for DirtyLog {
-    fn with_len(_len: usize) -> Self {
-        Self::default()
-    }
-}
-
-impl BitmapReplace for DirtyLog {
-    type InnerBitmap = AtomicBitmapMmap;
-
-    fn replace(&self, bitmap: AtomicBitmapMmap) {
-        self.0.log.replace(bitmap);
-        self.0.active.store(true, Ordering::Release);
-        LOGGING.store(true, Ordering::Release);
-        tracing::info!("dirty logging of guest memory started (migration)");
-    }
-}
-
-/// Logs `len` bytes of guest memory from `addr` as written by the device.
-/// Costs a flag check per region while no log is set.
-pub fn mark(mem: &GuestMem, addr: GuestAddress, len: usize) {
-    let mut done = 0usize;
-    while done < len {
-        let a = GuestAddress(addr.0.wrapping_add(done as u64));
-        let Some(region) = mem.find_region(a) else {
-            return;
+        let offset = libc::off_t::try_from(log.mmap_offset)
+            .map_err(|_| invalid("dirty log offset too large".into()))?;
+        // SAFETY: a fresh shared mapping of a range checked to lie inside
+        // the file; the kernel rejects an unaligned offset.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                offset,
+            )
         };
-        let Some(offset) = mem.to_region_addr(a).map(|(_, off)| off.0 as usize) else {
-            return;
-        };
-        let in_region = (region.len() as usize).saturating_sub(offset);
-        let n = in_region.min(len - done);
-        if n == 0 {
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(DirtyLog {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Logs `len` bytes of guest memory from `addr` as written. Pages beyond
+    /// the log (which covers all guest memory) are ignored.
+    pub fn mark(&self, addr: GuestAddress, len: usize) {
+        if len == 0 {
             return;
         }
-        region.bitmap().mark_dirty(offset, n);
-        done += n;
+        let first = addr.0 / LOG_PAGE;
+        let last = addr.0.saturating_add(len as u64 - 1) / LOG_PAGE;
+        for page in first..=last {
+            let byte = (page / 8) as usize;
+            if byte >= self.len {
+                return;
+            }
+            // SAFETY: byte < len, inside the mapping; the frontend and
+            // other queues update the log concurrently, so only atomically.
+            let cell = unsafe { &*self.ptr.add(byte).cast::<AtomicU8>() };
+            cell.fetch_or(1 << (page % 8), Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for DirtyLog {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe the mapping made in `map`, unused now
+        // that the last reference is gone.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::Bytes;
+    use std::os::unix::fs::FileExt;
 
-    // Logging itself needs a log from a frontend (`SET_LOG_BASE`); the
-    // migration guest test covers it. Here: nothing is logged, and nothing
-    // breaks, while no log is set.
+    fn log_file(len: u64) -> File {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn bits(f: &File, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        f.read_exact_at(&mut b, 0).unwrap();
+        b
+    }
+
     #[test]
-    fn without_a_log_nothing_is_marked() {
-        let mem =
-            GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20), (GuestAddress(1 << 20), 1 << 20)])
-                .unwrap();
-        mem.write_obj(1u8, GuestAddress(0x3000)).unwrap();
-        mark(&mem, GuestAddress((1 << 20) - 8), 0x20);
-        mark(&mem, GuestAddress(u64::MAX - 4), 64);
-        assert!(!logging());
-        for a in [0x3000u64, (1 << 20) - 8, 1 << 20] {
-            let r = mem.find_region(GuestAddress(a)).unwrap();
-            assert!(!r.bitmap().dirty_at(0));
+    fn pages_written_are_marked_in_the_shared_file() {
+        let f = log_file(8);
+        let log = DirtyLog::map(
+            &VhostUserLog {
+                mmap_size: 8,
+                mmap_offset: 0,
+            },
+            &f,
+        )
+        .unwrap();
+        log.mark(GuestAddress(0x3000), 1); // page 3
+        log.mark(GuestAddress(0x7ff0), 0x20); // pages 7 and 8
+        log.mark(GuestAddress(0x20000), 0); // nothing
+        log.mark(GuestAddress(0x3f000), 4096); // page 63, the last one
+        log.mark(GuestAddress(0x40000), 4096); // beyond the log: ignored
+        log.mark(GuestAddress(u64::MAX - 10), 100); // no overflow
+        assert_eq!(bits(&f, 8), [0x88, 0x01, 0, 0, 0, 0, 0, 0x80]);
+    }
+
+    #[test]
+    fn logs_beyond_their_file_are_refused() {
+        let f = log_file(4096);
+        for (size, offset) in [(0, 0), (8192, 0), (4096, 4096), (u64::MAX, 4096)] {
+            let log = VhostUserLog {
+                mmap_size: size,
+                mmap_offset: offset,
+            };
+            assert!(DirtyLog::map(&log, &f).is_err(), "{size} at {offset}");
         }
     }
 }

@@ -2,11 +2,15 @@
 //! process, so that two vmcrypt daemons can hold one image open while QEMU
 //! migrates a VM between them, and only the one whose device runs writes.
 //!
-//! - A frontend starts the device (its first memory table): the lock is
-//!   taken, exclusive for a writable disk, and the image's clean pages are
-//!   dropped from the page cache so blocks another host wrote meanwhile are
-//!   read afresh. If another daemon's device runs on the image, the start is
-//!   refused (the frontend sees the memory table message fail).
+//! - A frontend starts the device (`SET_FEATURES`, or a memory table): the
+//!   lock is taken, exclusive for a writable disk. If the image changed since
+//!   this daemon last had it (its size or times differ from when it was
+//!   opened or when this daemon's device last stopped), or it is a block
+//!   device (whose times tell nothing), its clean pages are dropped from the
+//!   page cache, so blocks another host wrote meanwhile are read afresh. An
+//!   unchanged file keeps its warm cache across guest reboots and reconnects.
+//!   If another daemon's device runs on the image, the start is refused (the
+//!   frontend sees the memory table message fail).
 //! - The device stops (every queue stopped with `GET_VRING_BASE`, or the
 //!   frontend disconnected): requests taken are already complete, the image
 //!   is flushed, then the lock is released.
@@ -22,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::storage::{Image, StorageError};
+use crate::storage::{Image, Stamp, StorageError};
 
 /// How long a device start waits for a lock held by a daemon that is going
 /// away (a killed daemon's io_uring releases the file a little after exit).
@@ -37,15 +41,18 @@ pub struct Handover {
     transition: Mutex<()>,
     /// Read by the queue threads before they take requests.
     held: AtomicBool,
+    /// The image as this daemon last left it (opened, or flushed at stop).
+    seen: Mutex<Option<Stamp>>,
 }
 
 impl Handover {
     pub fn new(image: Arc<Image>, read_only: bool) -> Self {
         Handover {
-            image,
             read_only,
             transition: Mutex::new(()),
             held: AtomicBool::new(false),
+            seen: Mutex::new(image.stamp()),
+            image,
         }
     }
 
@@ -63,7 +70,14 @@ impl Handover {
             tracing::error!("refusing to start the device: {e}");
             return Err(e);
         }
-        self.image.drop_cache();
+        let now = self.image.stamp();
+        let seen = *self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if now.is_some_and(|s| s.block_device || Some(s) != seen) {
+            tracing::info!(
+                "the image changed since this daemon last had it: dropping its page cache"
+            );
+            self.image.drop_cache();
+        }
         self.held.store(true, Ordering::Release);
         tracing::info!("device started: image lock taken");
         Ok(())
@@ -78,6 +92,7 @@ impl Handover {
             return Ok(());
         }
         self.image.sync()?;
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = self.image.stamp();
         self.held.store(false, Ordering::Release);
         self.image.unlock();
         tracing::info!("device stopped: image flushed, lock released");
@@ -133,5 +148,56 @@ mod tests {
             a.device_started(),
             Err(StorageError::Locked { .. })
         ));
+    }
+
+    /// Pages of `path` in the page cache.
+    fn cached_pages(path: &std::path::Path) -> usize {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        // SAFETY: a read-only shared mapping of the whole file, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: p/len is the mapping; vec has a byte per page.
+        assert_eq!(unsafe { libc::mincore(p, len, vec.as_mut_ptr()) }, 0);
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(p, len) };
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    #[test]
+    fn the_page_cache_is_dropped_only_when_someone_else_wrote_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let h = Handover::new(image(&path), false);
+        let _ = std::fs::read(&path).unwrap();
+        assert_eq!(cached_pages(&path), 256);
+        // Unchanged since opened: the cache stays warm.
+        h.device_started().unwrap();
+        assert_eq!(cached_pages(&path), 256);
+        h.device_stopped().unwrap();
+        // Another writer (another host, in production) changes the file;
+        // here it grows it, which leaves no dirty page behind (the kernel
+        // keeps dirty pages, and a large folio with them, in the cache).
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len((1 << 20) + 4096).unwrap();
+        let _ = std::fs::read(&path).unwrap();
+        h.device_started().unwrap();
+        let left = cached_pages(&path);
+        assert!(
+            left < 256,
+            "the page cache was kept: {left} pages, {:?}",
+            h.image.stamp()
+        );
     }
 }

@@ -29,6 +29,6 @@ pub mod worker;
 mod sys;
 
 /// Guest memory as mapped from the frontend's memory table.
-pub type GuestMem = vm_memory::GuestMemoryMmap<dirty::DirtyLog>;
+pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
 /// The atomically replaceable view of guest memory the vhost-user crates use.
 pub type GuestMemAtomic = vm_memory::GuestMemoryAtomic<GuestMem>;

@@ -119,6 +119,22 @@ impl Image {
         }
     }
 
+    /// What changes when anyone writes the image file: for telling whether
+    /// another host wrote it (see `handover`). None for a null device.
+    pub fn stamp(&self) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let Image::File { file, .. } = self else {
+            return None;
+        };
+        let m = file.metadata().ok()?;
+        Some(Stamp {
+            block_device: m.file_type().is_block_device(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
     /// Drops the image's clean pages from this host's page cache, so that
     /// what another host wrote while it ran the disk is read afresh.
     pub fn drop_cache(&self) {
@@ -142,6 +158,16 @@ impl Image {
             Image::File { file, .. } => file.sync_data(),
         }
     }
+}
+
+/// See [`Image::stamp`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    /// A block device's times do not change when another host writes it.
+    pub block_device: bool,
+    pub size: u64,
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
 }
 
 /// Opens the image (a regular file or a block device). The image lock is

@@ -19,7 +19,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
-use crate::dirty;
+use crate::dirty::DirtyLog;
 use crate::filter::{Outcome, Pipeline};
 use crate::handover::Handover;
 use crate::inflight::QueueInflight;
@@ -101,6 +101,8 @@ pub struct QueueWorker {
     resubmit: VecDeque<u16>,
     /// Order of the next head taken, recorded in the in-flight region.
     counter: u64,
+    /// The frontend's dirty log while it migrates the VM.
+    dirty_log: Option<Arc<DirtyLog>>,
     /// By head index: taken from the ring and not yet returned. A head the
     /// guest publishes again while in flight is not taken twice, and a head
     /// is never returned twice.
@@ -154,7 +156,22 @@ impl QueueWorker {
             resubmit: VecDeque::new(),
             counter: 1,
             taken: Vec::new(),
+            dirty_log: None,
         })
+    }
+
+    /// Starts (`Some`) or stops logging the guest memory this queue writes.
+    pub fn set_dirty_log(&mut self, log: Option<Arc<DirtyLog>>) {
+        self.dirty_log = log;
+    }
+
+    /// Logs the queue's used ring as written (used elements, the used index,
+    /// the available-event index).
+    fn log_used_ring(&self, queue: &Queue) {
+        if let Some(log) = &self.dirty_log {
+            let len = 6 + 8 * usize::from(queue.size());
+            log.mark(GuestAddress(queue.used_ring()), len);
+        }
     }
 
     /// The frontend handed over an in-flight region (`SET_INFLIGHT_FD`).
@@ -235,6 +252,7 @@ impl QueueWorker {
             }
             let queue = state.get_queue_mut();
             let more = queue.enable_notification(&*mem).map_err(io::Error::other)?;
+            self.log_used_ring(queue);
             if !event_idx || !more || self.stopped {
                 break;
             }
@@ -502,8 +520,9 @@ impl QueueWorker {
     /// Writes the status byte (if the chain has one), returns the chain to
     /// the guest with `written` data bytes, and frees its slot.
     ///
-    /// While QEMU migrates, the guest pages written behind vm-memory's back
-    /// (data read from storage or decrypted, GET_ID) are logged first; the
+    /// While QEMU migrates, the guest pages written for the request (data
+    /// read from storage or decrypted, GET_ID, the status byte) are logged
+    /// before the used element is published, and the used ring after; the
     /// in-flight region brackets the used element (see `inflight`).
     fn give_back(
         &mut self,
@@ -524,11 +543,6 @@ impl QueueWorker {
             );
             return;
         }
-        if dirty::logging() {
-            for &(addr, len) in &req.dirty {
-                dirty::mark(mem, addr, len);
-            }
-        }
         let used = match status {
             Some(st) => {
                 if mem.write_obj(st as u8, req.status_addr).is_err() {
@@ -538,6 +552,14 @@ impl QueueWorker {
             }
             None => 0,
         };
+        if let Some(log) = &self.dirty_log {
+            for &(addr, len) in &req.dirty {
+                log.mark(addr, len);
+            }
+            if status.is_some() {
+                log.mark(req.status_addr, 1);
+            }
+        }
         if let Some(inflight) = &self.inflight {
             inflight.begin_return(head);
         }
@@ -550,6 +572,7 @@ impl QueueWorker {
         if let Some(inflight) = &self.inflight {
             inflight.end_return(head, queue.next_used());
         }
+        self.log_used_ring(queue);
         self.set_taken(head, false);
         self.returned = true;
     }

@@ -24,7 +24,7 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight, VhostUserLog,
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
@@ -144,6 +144,16 @@ pub trait VhostUserBackend: Send + Sync {
     /// have completed. Wrapper implementations may hold their backend lock during this call.
     fn stop_vring(&self, _queue_index: u32) -> Result<()> {
         Ok(())
+    }
+
+    /// Take the dirty log (`SET_LOG_BASE`) in the backend's own way.
+    ///
+    /// Return `Ok(true)` when the backend logs its writes to guest memory
+    /// itself (then the handler installs no bitmaps in the memory regions, so
+    /// `Bitmap` may be `()` and guest memory accesses pay nothing for logging),
+    /// or `Ok(false)` to let the handler install `Self::Bitmap`'s bitmaps.
+    fn set_log_base(&self, _log: &VhostUserLog, _file: &File) -> Result<bool> {
+        Ok(false)
     }
 
     /// Allocate the shared in-flight region (`GET_INFLIGHT_FD`).
@@ -327,6 +337,11 @@ pub trait VhostUserBackendMut: Send + Sync {
         Ok(())
     }
 
+    /// See [`VhostUserBackend::set_log_base`].
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: &File) -> Result<bool> {
+        Ok(false)
+    }
+
     /// See [`VhostUserBackend::get_inflight_fd`].
     fn get_inflight_fd(
         &mut self,
@@ -464,6 +479,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
         self.deref().stop_vring(queue_index)
     }
 
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<bool> {
+        self.deref().set_log_base(log, file)
+    }
+
     fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
         self.deref().get_inflight_fd(inflight)
     }
@@ -567,6 +586,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
         self.lock().unwrap().stop_vring(queue_index)
+    }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<bool> {
+        self.lock().unwrap().set_log_base(log, file)
     }
 
     fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
@@ -675,6 +698,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
         self.write().unwrap().stop_vring(queue_index)
+    }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<bool> {
+        self.write().unwrap().set_log_base(log, file)
     }
 
     fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {

@@ -900,6 +900,13 @@ where
     // dirty even if the migration fails. We need to disable the logging after receiving  a
     // `SET_FEATURE` without the `LOG_ALL` flag.
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
+        if self
+            .backend
+            .set_log_base(log, &file)
+            .map_err(VhostUserError::ReqHandlerError)?
+        {
+            return Ok(());
+        }
         let mem = self.atomic_mem.memory();
 
         let logmem = Arc::new(
