@@ -185,9 +185,20 @@ impl QueueWorker {
         }
     }
 
-    /// The ring was stopped: when it starts again, read the region afresh.
+    /// The ring was stopped (`GET_VRING_BASE`): when it starts again, read
+    /// the region afresh.
     pub fn restart_pending(&mut self) {
         self.recover_pending = true;
+        if let Some(vring) = &self.vring {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            tracing::info!(
+                queue = self.index,
+                next_avail = q.next_avail(),
+                next_used = q.next_used(),
+                "ring stopped; every request taken is complete"
+            );
+        }
     }
 
     /// The fds the queue thread must also wait on: storage completions and the timer.
@@ -236,15 +247,38 @@ impl QueueWorker {
             // the current one for every batch.
             let mem = self.mem.memory().into_inner();
             let queue = state.get_queue_mut();
+            if self.stopped || !queue.ready() || !self.handover.is_held() {
+                // Stopped, not started, or the image is another daemon's:
+                // finish what storage returns, but neither take requests
+                // nor touch the ring's notification fields (after
+                // GET_VRING_BASE the ring is the frontend's again).
+                self.kick_storage(&mut state, &mem)?;
+                self.notify(&mut state)?;
+                break;
+            }
             queue
                 .disable_notification(&*mem)
                 .map_err(io::Error::other)?;
-            if !self.stopped && queue.ready() && self.handover.is_held() {
-                if self.recover_pending {
-                    self.recover(queue, &mem);
+            if self.recover_pending {
+                self.recover(queue, &mem);
+                // The ring (re)starts: interrupt the guest once, as
+                // libvhost-user does on SET_VRING_CALL. Completions the
+                // previous backend (a crashed vmcrypt, or the source of a
+                // migration) signalled may not have reached this guest; a
+                // spurious interrupt costs the driver one look at the ring.
+                if let Err(e) = state.signal_used_queue() {
+                    tracing::warn!(queue = self.index, "signalling the guest: {e}");
                 }
-                self.take_requests(queue, &mem);
+                let q = state.get_queue();
+                tracing::info!(
+                    queue = self.index,
+                    next_avail = q.next_avail(),
+                    next_used = q.next_used(),
+                    "ring started"
+                );
             }
+            let queue = state.get_queue_mut();
+            self.take_requests(queue, &mem);
             self.kick_storage(&mut state, &mem)?;
             self.notify(&mut state)?;
             if self.poll_for_work(&mut state, &mem)? {

@@ -392,3 +392,103 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once() {
     assert_eq!(mem.used_heads(), [&before[..], &[3, 9]].concat());
     assert_eq!(mem.read(0x50000, 4096), &pattern(2, 4096)[..]);
 }
+
+/// A guest (or frontend) that publishes a head again while it is in flight
+/// does not get it taken twice, nor returned twice.
+#[test]
+fn a_head_published_twice_is_taken_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 13);
+    let d = Daemon::start(
+        dir.path(),
+        "vmcrypt",
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--filter",
+            "throttle:write_bytes_sec=4k",
+        ],
+    );
+    let mem = Memory::new();
+    let mut dev = Device::connect(&d.socket, 0);
+    dev.start(&mem, 0);
+    mem.write(0x20000, &pattern(1, 4096));
+    mem.write(0x30000, &pattern(2, 4096));
+    mem.request(0, T_OUT, 0, 0x20000, 4096);
+    mem.request(3, T_OUT, 8, 0x30000, 4096);
+    // Head 3 waits behind the throttle when it is published again.
+    mem.publish(0);
+    mem.publish(3);
+    mem.publish(3);
+    dev.kick();
+    mem.wait_used(2, "both writes", &d);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut heads = mem.used_heads();
+    heads.sort();
+    assert_eq!(heads, [0, 3], "{}", d.log_text());
+    assert!(
+        d.log_text().contains("published a request again"),
+        "{}",
+        d.log_text()
+    );
+    // The queue goes on.
+    mem.request(6, T_IN, 8, 0x40000, 4096);
+    mem.publish(6);
+    dev.kick();
+    mem.wait_used(3, "a read after", &d);
+    assert_eq!(mem.read(0x40000, 4096), pattern(2, 4096));
+}
+
+/// A frontend that disconnects with writes still delayed by a filter: they
+/// complete before vmcrypt lets go of the memory they point into, and the
+/// next frontend finds them on disk.
+#[test]
+fn writes_in_flight_at_a_disconnect_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 14);
+    let d = Daemon::start(
+        dir.path(),
+        "vmcrypt",
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--filter",
+            "throttle:write_bytes_sec=4k",
+        ],
+    );
+    let mem = Memory::new();
+    let mut dev = Device::connect(&d.socket, 0);
+    dev.start(&mem, 0);
+    for (i, h) in [0u16, 3, 6].into_iter().enumerate() {
+        let data = 0x20000 + 0x1000 * i as u64;
+        mem.write(data, &pattern(20 + i as u64, 4096));
+        mem.request(h, T_OUT, 8 * i as u64, data, 4096);
+        mem.publish(h);
+    }
+    dev.kick();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(dev);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log_text().contains("lock released") {
+        assert!(Instant::now() < deadline, "{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let image = std::fs::read(&img).unwrap();
+    for i in 0..3 {
+        assert_eq!(
+            &image[4096 * i..4096 * (i + 1)],
+            &pattern(20 + i as u64, 4096)[..],
+            "write {i}"
+        );
+    }
+    assert_eq!(mem.used_idx(), 3);
+    // A new frontend is served.
+    let mem = Memory::new();
+    let mut dev = Device::connect(&d.socket, 0);
+    dev.start(&mem, 0);
+    mem.request(0, T_IN, 16, 0x20000, 4096);
+    mem.publish(0);
+    dev.kick();
+    mem.wait_used(1, "a read on the next connection", &d);
+    assert_eq!(mem.read(0x20000, 4096), pattern(22, 4096));
+}

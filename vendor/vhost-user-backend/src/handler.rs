@@ -488,10 +488,17 @@ where
             // Note: I'm not sure why QEMU's vhost-user library sets the 'user' index here,
             // _probably_ to make sure that the VQ is already configured. A better solution would
             // be to receive the 'used' index in SET_VRING_BASE, as is done when using packed VQs.
-            let idx = vring
-                .queue_used_idx()
-                .map_err(|_| VhostUserError::BackendInternalError)?;
-            vring.set_queue_next_used(idx);
+            //
+            // A started ring gets SET_VRING_ADDR again when the frontend turns dirty logging on
+            // or off (VHOST_VRING_F_LOG, at the start and end of a migration). Its used index is
+            // the backend's then: resetting it from guest memory could race with requests being
+            // completed and move the used index backwards.
+            if !vring.get_ref().get_queue().ready() {
+                let idx = vring
+                    .queue_used_idx()
+                    .map_err(|_| VhostUserError::BackendInternalError)?;
+                vring.set_queue_next_used(idx);
+            }
 
             Ok(())
         } else {
