@@ -15,68 +15,26 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use vhost::vhost_user::message::VhostUserLog;
 use vm_memory::GuestAddress;
+
+use crate::sys::SharedMap;
 
 /// Guest page size the log counts in.
 const LOG_PAGE: u64 = 4096;
 
 /// The frontend's dirty log, mapped into this process.
 #[derive(Debug)]
-pub struct DirtyLog {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is shared memory touched only through atomic
-// fetch_or, and stays mapped until the log is dropped.
-unsafe impl Send for DirtyLog {}
-// SAFETY: as above.
-unsafe impl Sync for DirtyLog {}
+pub struct DirtyLog(SharedMap);
 
 impl DirtyLog {
     /// Maps the log QEMU hands over with `SET_LOG_BASE`.
     pub fn map(log: &VhostUserLog, file: &File) -> io::Result<DirtyLog> {
-        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
-        let len = usize::try_from(log.mmap_size)
-            .ok()
-            .filter(|&l| l > 0)
-            .ok_or_else(|| invalid(format!("dirty log of {} bytes", log.mmap_size)))?;
-        let file_len = file.metadata()?.len();
-        if log
-            .mmap_offset
-            .checked_add(log.mmap_size)
-            .is_none_or(|end| end > file_len)
-        {
-            return Err(invalid(format!(
-                "dirty log at offset {} of {} bytes lies beyond its file ({file_len} bytes)",
-                log.mmap_offset, log.mmap_size
-            )));
-        }
-        let offset = libc::off_t::try_from(log.mmap_offset)
-            .map_err(|_| invalid("dirty log offset too large".into()))?;
-        // SAFETY: a fresh shared mapping of a range checked to lie inside
-        // the file; the kernel rejects an unaligned offset.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(DirtyLog {
-            ptr: ptr.cast(),
-            len,
-        })
+        SharedMap::new(file, log.mmap_offset, log.mmap_size)
+            .map(DirtyLog)
+            .map_err(|e| io::Error::new(e.kind(), format!("dirty log: {e}")))
     }
 
     /// Logs `len` bytes of guest memory from `addr` as written. Pages beyond
@@ -89,22 +47,14 @@ impl DirtyLog {
         let last = addr.0.saturating_add(len as u64 - 1) / LOG_PAGE;
         for page in first..=last {
             let byte = (page / 8) as usize;
-            if byte >= self.len {
+            if byte >= self.0.len() {
                 return;
             }
             // SAFETY: byte < len, inside the mapping; the frontend and
             // other queues update the log concurrently, so only atomically.
-            let cell = unsafe { &*self.ptr.add(byte).cast::<AtomicU8>() };
+            let cell = unsafe { &*self.0.as_ptr().add(byte).cast::<AtomicU8>() };
             cell.fetch_or(1 << (page % 8), Ordering::Relaxed);
         }
-    }
-}
-
-impl Drop for DirtyLog {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len describe the mapping made in `map`, unused now
-        // that the last reference is gone.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 

@@ -33,6 +33,8 @@ use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserInflight;
 
+use crate::sys::SharedMap;
+
 const VERSION: u16 = 1;
 const HEADER_LEN: usize = 16;
 const DESC_LEN: usize = 16;
@@ -74,17 +76,10 @@ fn queue_stride(queue_size: u16) -> usize {
 /// The whole region, mapped into this process.
 #[derive(Debug)]
 pub struct InflightRegion {
-    ptr: *mut u8,
-    len: usize,
+    map: SharedMap,
     num_queues: u16,
     queue_size: u16,
 }
-
-// SAFETY: the mapping is plain shared memory; every access to it goes through
-// atomics (see QueueInflight), and it stays mapped until the region is dropped.
-unsafe impl Send for InflightRegion {}
-// SAFETY: as above.
-unsafe impl Sync for InflightRegion {}
 
 impl InflightRegion {
     /// Allocates a zeroed region for `num_queues` queues of `queue_size`
@@ -139,49 +134,18 @@ impl InflightRegion {
                 msg.mmap_size, msg.num_queues, msg.queue_size
             )));
         }
-        let file_len = file
-            .metadata()
-            .map_err(|source| InflightError::Sys {
-                what: "fstat",
-                source,
-            })?
-            .len();
-        if msg
-            .mmap_offset
-            .checked_add(msg.mmap_size)
-            .is_none_or(|end| end > file_len)
-        {
-            return Err(InflightError::Invalid(format!(
-                "offset {} + size {} lies beyond the file ({file_len} bytes)",
-                msg.mmap_offset, msg.mmap_size
-            )));
-        }
         Self::map(file, msg)
     }
 
     fn map(file: &File, msg: &VhostUserInflight) -> Result<Arc<Self>, InflightError> {
-        let len = usize::try_from(msg.mmap_size)
-            .map_err(|_| InflightError::Invalid("region too large".into()))?;
-        let offset = libc::off_t::try_from(msg.mmap_offset)
-            .map_err(|_| InflightError::Invalid("offset too large".into()))?;
-        // SAFETY: a fresh shared mapping of a range checked to lie inside the
-        // file; the kernel rejects an unaligned offset.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(sys("mmap"));
-        }
+        let map = SharedMap::new(file, msg.mmap_offset, msg.mmap_size).map_err(|source| {
+            InflightError::Sys {
+                what: "mapping the region",
+                source,
+            }
+        })?;
         Ok(Arc::new(InflightRegion {
-            ptr: ptr.cast(),
-            len,
+            map,
             num_queues: msg.num_queues,
             queue_size: msg.queue_size,
         }))
@@ -197,19 +161,12 @@ impl InflightRegion {
             return None;
         }
         Some(QueueInflight {
-            // SAFETY: q < num_queues, so the part lies inside the mapping.
-            base: unsafe { self.ptr.add(q * queue_stride(self.queue_size)) },
+            // SAFETY: q < num_queues, and `open` checked that the mapping
+            // holds num_queues parts.
+            base: unsafe { self.map.as_ptr().add(q * queue_stride(self.queue_size)) },
             desc_num: self.queue_size,
             _region: self.clone(),
         })
-    }
-}
-
-impl Drop for InflightRegion {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len describe the mapping made in `map`, used by nothing
-        // else now that the last reference is gone.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 

@@ -102,3 +102,68 @@ impl AsRawFd for EventFd {
         self.0.as_raw_fd()
     }
 }
+
+/// A read-write shared mapping of part of a file the frontend handed over
+/// (the in-flight region, the dirty log): checked to lie inside the file,
+/// unmapped when dropped.
+#[derive(Debug)]
+pub struct SharedMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a SharedMap is plain shared memory; its users access it only
+// through atomics, and it stays mapped until dropped.
+unsafe impl Send for SharedMap {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMap {}
+
+impl SharedMap {
+    /// Maps `len` bytes of `file` from `offset`.
+    pub fn new(file: &std::fs::File, offset: u64, len: u64) -> io::Result<SharedMap> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+        let file_len = file.metadata()?.len();
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > file_len) {
+            return Err(invalid(format!(
+                "{len} bytes at offset {offset} do not lie inside the file ({file_len} bytes)"
+            )));
+        }
+        let size = usize::try_from(len).map_err(|_| invalid(format!("{len} bytes")))?;
+        let off = libc::off_t::try_from(offset).map_err(|_| invalid(format!("offset {offset}")))?;
+        // SAFETY: a fresh shared mapping of a range checked to lie inside
+        // the file; the kernel rejects an unaligned offset.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SharedMap {
+            ptr: ptr.cast(),
+            len: size,
+        })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe the mapping made in `new`, unused now
+        // that its owner is gone.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}

@@ -231,6 +231,23 @@ fn raw_image(dir: &Path, seed: u64) -> std::path::PathBuf {
     img
 }
 
+/// vmcrypt on a fresh image whose writes are throttled to 4 KiB/s: the first
+/// 4 KiB write goes at once, the next waits most of a second. Reads pass.
+fn slow_writes(dir: &Path, seed: u64) -> (std::path::PathBuf, Daemon) {
+    let img = raw_image(dir, seed);
+    let d = Daemon::start(
+        dir,
+        "vmcrypt",
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--filter",
+            "throttle:write_bytes_sec=4k",
+        ],
+    );
+    (img, d)
+}
+
 fn log_bit(log: &[u8], gpa: u64) -> bool {
     let page = gpa / PAGE;
     log[(page / 8) as usize] & (1 << (page % 8)) != 0
@@ -310,17 +327,7 @@ fn the_dirty_log_covers_what_vmcrypt_writes() {
 #[test]
 fn requests_in_flight_at_a_crash_are_resubmitted_once() {
     let dir = tempfile::tempdir().unwrap();
-    let img = raw_image(dir.path(), 12);
-    let mut d = Daemon::start(
-        dir.path(),
-        "vmcrypt",
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--filter",
-            "throttle:write_bytes_sec=4k",
-        ],
-    );
+    let (img, mut d) = slow_writes(dir.path(), 12);
     let mem = Memory::new();
     let mut dev = Device::connect(&d.socket, 0);
     let (inflight, region) = dev
@@ -398,17 +405,7 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once() {
 #[test]
 fn a_head_published_twice_is_taken_once() {
     let dir = tempfile::tempdir().unwrap();
-    let img = raw_image(dir.path(), 13);
-    let d = Daemon::start(
-        dir.path(),
-        "vmcrypt",
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--filter",
-            "throttle:write_bytes_sec=4k",
-        ],
-    );
+    let (_img, d) = slow_writes(dir.path(), 13);
     let mem = Memory::new();
     let mut dev = Device::connect(&d.socket, 0);
     dev.start(&mem, 0);
@@ -445,17 +442,7 @@ fn a_head_published_twice_is_taken_once() {
 #[test]
 fn writes_in_flight_at_a_disconnect_complete() {
     let dir = tempfile::tempdir().unwrap();
-    let img = raw_image(dir.path(), 14);
-    let d = Daemon::start(
-        dir.path(),
-        "vmcrypt",
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--filter",
-            "throttle:write_bytes_sec=4k",
-        ],
-    );
+    let (img, d) = slow_writes(dir.path(), 14);
     let mem = Memory::new();
     let mut dev = Device::connect(&d.socket, 0);
     dev.start(&mem, 0);

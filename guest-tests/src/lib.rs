@@ -13,3 +13,15 @@ pub mod vmcrypt;
 pub use guest::GuestImage;
 pub use vm::{Accel, Disk, GuestRun, RunningVm, Vm};
 pub use vmcrypt::Vmcrypt;
+
+/// Guests run one at a time, as the machine has two cores: the prepared
+/// guest, the accelerator to boot it with, and the lock that keeps the other
+/// guests of this test process waiting while it is held.
+pub fn one_guest() -> (GuestImage, Accel, std::sync::MutexGuard<'static, ()>) {
+    static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let lock = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let image = GuestImage::prepare().expect("prepare guest");
+    let accel = Accel::detect(&image);
+    eprintln!("guest accelerator: {accel:?}");
+    (image, accel, lock)
+}

@@ -4,21 +4,11 @@
 //! Run one case alone with `cargo test -p guest-tests -- CASE`.
 
 use std::path::Path;
-use std::sync::Mutex;
 
 use guest_tests::vm::{fio_errors, fio_summary};
-use guest_tests::{Accel, Disk, GuestImage, Vm, Vmcrypt};
+use guest_tests::{Disk, Vm, Vmcrypt};
 
-/// Guests run one at a time: the machine has two cores.
-static ONE_GUEST: Mutex<()> = Mutex::new(());
-
-fn setup() -> (GuestImage, Accel, std::sync::MutexGuard<'static, ()>) {
-    let lock = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let image = GuestImage::prepare().expect("prepare guest");
-    let accel = Accel::detect(&image);
-    eprintln!("guest accelerator: {accel:?}");
-    (image, accel, lock)
-}
+use guest_tests::one_guest as setup;
 
 fn raw_image(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
     let p = dir.join(name);

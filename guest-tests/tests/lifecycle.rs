@@ -5,24 +5,14 @@
 //! Run one case alone with `cargo test -p guest-tests --test lifecycle -- CASE`.
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use guest_tests::qmp::{self, Qmp};
 use guest_tests::vm::{fio_errors, fio_summary};
 use guest_tests::vmcrypt::create_encrypted;
-use guest_tests::{Accel, Disk, GuestImage, GuestRun, Vm, Vmcrypt};
+use guest_tests::{Disk, GuestRun, Vm, Vmcrypt};
 
-/// Guests run one at a time: the machine has two cores.
-static ONE_GUEST: Mutex<()> = Mutex::new(());
-
-fn setup() -> (GuestImage, Accel, std::sync::MutexGuard<'static, ()>) {
-    let lock = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
-    let image = GuestImage::prepare().expect("prepare guest");
-    let accel = Accel::detect(&image);
-    eprintln!("guest accelerator: {accel:?}");
-    (image, accel, lock)
-}
+use guest_tests::one_guest as setup;
 
 /// Lines of the guest's kernel log that mean a request was lost or returned
 /// twice; the script prints them in section "dmesg" and fails on them.
