@@ -37,32 +37,30 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 pub struct Handover {
     image: Arc<Image>,
     read_only: bool,
-    /// Serialises starts and stops.
-    transition: Mutex<()>,
+    /// The image as this daemon last left it (opened, or flushed at stop);
+    /// the lock also serialises starts and stops.
+    seen: Mutex<Option<Stamp>>,
     /// Read by the queue threads before they take requests.
     held: AtomicBool,
-    /// The image as this daemon last left it (opened, or flushed at stop).
-    seen: Mutex<Option<Stamp>>,
 }
 
 impl Handover {
     pub fn new(image: Arc<Image>, read_only: bool) -> Self {
         Handover {
             read_only,
-            transition: Mutex::new(()),
-            held: AtomicBool::new(false),
             seen: Mutex::new(image.stamp()),
+            held: AtomicBool::new(false),
             image,
         }
     }
 
-    fn transition(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.transition.lock().unwrap_or_else(|e| e.into_inner())
+    fn seen(&self) -> std::sync::MutexGuard<'_, Option<Stamp>> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A frontend starts the device: take the lock unless already held.
     pub fn device_started(&self) -> Result<(), StorageError> {
-        let _t = self.transition();
+        let seen = self.seen();
         if self.is_held() {
             return Ok(());
         }
@@ -71,8 +69,7 @@ impl Handover {
             return Err(e);
         }
         let now = self.image.stamp();
-        let seen = *self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if now.is_some_and(|s| s.block_device || Some(s) != seen) {
+        if now.is_some_and(|s| s.block_device || Some(s) != *seen) {
             tracing::info!(
                 "the image changed since this daemon last had it: dropping its page cache"
             );
@@ -87,12 +84,12 @@ impl Handover {
     /// lock. On a failed flush the lock is kept, so no other daemon takes
     /// over an image whose last writes may not be durable.
     pub fn device_stopped(&self) -> io::Result<()> {
-        let _t = self.transition();
+        let mut seen = self.seen();
         if !self.is_held() {
             return Ok(());
         }
         self.image.sync()?;
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = self.image.stamp();
+        *seen = self.image.stamp();
         self.held.store(false, Ordering::Release);
         self.image.unlock();
         tracing::info!("device stopped: image flushed, lock released");
@@ -115,8 +112,14 @@ impl Handover {
 mod tests {
     use super::*;
 
+    /// An image of 1 MiB at `path`, made afresh.
     fn image(path: &std::path::Path) -> Arc<Image> {
         std::fs::write(path, vec![0u8; 1 << 20]).unwrap();
+        open_image(path)
+    }
+
+    /// The image at `path`, opened once more (as by a second daemon).
+    fn open_image(path: &std::path::Path) -> Arc<Image> {
         let f = crate::storage::open(path, false).unwrap();
         Arc::new(Image::from_file(f, path, 0, 512).unwrap())
     }
@@ -126,13 +129,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
         let a = Handover::new(image(&path), false);
-        let b = Handover::new(
-            Arc::new(
-                Image::from_file(crate::storage::open(&path, false).unwrap(), &path, 0, 512)
-                    .unwrap(),
-            ),
-            false,
-        );
+        let b = Handover::new(open_image(&path), false);
         a.device_started().unwrap();
         a.device_started().unwrap();
         assert!(matches!(

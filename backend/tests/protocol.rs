@@ -455,11 +455,7 @@ fn writes_in_flight_at_a_disconnect_complete() {
     dev.kick();
     std::thread::sleep(Duration::from_millis(100));
     drop(dev);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.log_text().contains("lock released") {
-        assert!(Instant::now() < deadline, "{}", d.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.wait_for_log("lock released");
     let image = std::fs::read(&img).unwrap();
     for i in 0..3 {
         assert_eq!(

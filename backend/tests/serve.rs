@@ -560,11 +560,7 @@ fn image_is_held_by_the_running_device_only() {
     // Once the first device stops (its frontend goes away), the second
     // takes over and reads what the first wrote.
     drop(f);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.log_text().contains("lock released") {
-        assert!(Instant::now() < deadline, "{}", d.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    d.wait_for_log("lock released");
     drop(refused);
     let mut g = Frontend::connect(&d2.socket, 1, MIB as usize);
     assert_eq!(g.read(0, 0, 0, 4096), 0);
