@@ -171,8 +171,9 @@ fn images_made_by_qemu_img_and_cryptsetup_are_served_with_a_passphrase_file() {
     let pass = dir.path().join("pass");
     std::fs::write(&pass, b"correct horse battery staple").unwrap();
     let q = dir.path().join("qemu.img");
-    // qemu-img times PBKDF2 to pick its iteration count, which can fail on a
-    // loaded machine ("Unable to get accurate CPU usage"): retry.
+    // qemu-img's PBKDF2 timing probe fails ("Unable to get accurate CPU
+    // usage") when it runs in under a tick of user time, as SHA-256 often does
+    // on a loaded machine; SHA-512 takes long enough. Retry anyway.
     let mut made = String::new();
     let mut ok = false;
     for _ in 0..5 {
@@ -180,7 +181,7 @@ fn images_made_by_qemu_img_and_cryptsetup_are_served_with_a_passphrase_file() {
         let st = Command::new("qemu-img")
             .args(["create", "-f", "luks", "--object"])
             .arg(format!("secret,id=s0,file={}", pass.display()))
-            .args(["-o", "key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256,iter-time=200"])
+            .args(["-o", "key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha512,iter-time=200"])
             .arg(&q)
             .arg("16M")
             .output()

@@ -3,7 +3,7 @@
 
 use sha1::Sha1;
 use sha2::digest::{Digest, FixedOutputReset};
-use sha2::Sha256;
+use sha2::{Sha256, Sha512};
 use zeroize::Zeroizing;
 
 /// The hash used by the splitter and PBKDF2 (LUKS1 `hash-spec`).
@@ -11,6 +11,7 @@ use zeroize::Zeroizing;
 pub enum Hash {
     Sha1,
     Sha256,
+    Sha512,
 }
 
 impl Hash {
@@ -18,6 +19,7 @@ impl Hash {
         match spec {
             "sha1" => Some(Hash::Sha1),
             "sha256" => Some(Hash::Sha256),
+            "sha512" => Some(Hash::Sha512),
             _ => None,
         }
     }
@@ -26,6 +28,7 @@ impl Hash {
         match self {
             Hash::Sha1 => "sha1",
             Hash::Sha256 => "sha256",
+            Hash::Sha512 => "sha512",
         }
     }
 
@@ -34,6 +37,7 @@ impl Hash {
         match self {
             Hash::Sha1 => pbkdf2::pbkdf2_hmac::<Sha1>(password, salt, rounds, out),
             Hash::Sha256 => pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, rounds, out),
+            Hash::Sha512 => pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, rounds, out),
         }
     }
 
@@ -41,6 +45,7 @@ impl Hash {
         match self {
             Hash::Sha1 => diffuse::<Sha1>(block),
             Hash::Sha256 => diffuse::<Sha256>(block),
+            Hash::Sha512 => diffuse::<Sha512>(block),
         }
     }
 }
@@ -98,7 +103,7 @@ mod tests {
 
     #[test]
     fn split_then_merge_round_trips() {
-        for hash in [Hash::Sha1, Hash::Sha256] {
+        for hash in [Hash::Sha1, Hash::Sha256, Hash::Sha512] {
             let key: Vec<u8> = (0..64).collect();
             let m = split(&key, 4000, hash);
             assert_eq!(m.len(), 64 * 4000);

@@ -58,7 +58,7 @@ pub enum LuksError {
     Version(u16),
     #[error("truncated LUKS image: {0}")]
     Truncated(String),
-    #[error("unsupported LUKS {what} '{value}' (vmcrypt serves aes-xts-plain64 with a 512-bit key, sha1 or sha256)")]
+    #[error("unsupported LUKS {what} '{value}' (vmcrypt serves aes-xts-plain64 with a 512-bit key, sha1, sha256 or sha512)")]
     Unsupported { what: &'static str, value: String },
     #[error("corrupt LUKS header: {0}")]
     Corrupt(String),

@@ -88,9 +88,11 @@ fn we_open_images_made_by_cryptsetup_and_qemu_img() {
         .arg(&a));
     assert!(ok, "{out}");
     let b = dir.path().join("qemu.img");
-    // qemu-img times PBKDF2 to pick its iteration count; that probe can fail
-    // ("Unable to get accurate CPU usage") when the thread's CPU clock did not
-    // tick during it: retry.
+    // qemu-img times 32768 PBKDF2 rounds to pick its iteration count and
+    // gives up ("Unable to get accurate CPU usage") when its thread's user
+    // time did not move. With SHA-256 (SHA-NI) that probe takes about a
+    // millisecond here and failed up to every time on a loaded machine; the
+    // SHA-512 probe is several times longer and did not fail. Retry anyway.
     let mut out = String::new();
     let mut made = false;
     for _ in 0..5 {
@@ -98,7 +100,7 @@ fn we_open_images_made_by_cryptsetup_and_qemu_img() {
         let (ok, text) = run(Command::new("qemu-img")
             .args(["create", "-f", "luks", "--object"])
             .arg(format!("secret,id=s0,file={}", key.display()))
-            .args(["-o", "key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256,iter-time=200"])
+            .args(["-o", "key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha512,iter-time=200"])
             .arg(&b)
             .arg("16M"));
         out = text;
