@@ -320,21 +320,37 @@ pub fn parse(
             req.len = 0;
         }
         Op::Discard | Op::WriteZeroes { .. } => {
-            // One 16-byte segment: le64 sector, le32 num_sectors, le32 flags.
-            let mut segs = data;
-            let r = segs.next().ok_or(refuse(
-                Status::IoErr,
-                "discard/write-zeroes without a range",
-            ))?;
-            if segs.next().is_some() || r.writable || r.len != DWZ_SEGMENT_LEN {
+            // One range (the device advertises max_discard_seg and
+            // max_write_zeroes_seg = 1): le64 sector, le32 num_sectors,
+            // le32 flags, 16 bytes that may be split over descriptors. More
+            // ranges than advertised are UNSUPP, as QEMU answers; a short or
+            // ragged range is IOERR.
+            let mut seg = [0u8; DWZ_SEGMENT_LEN as usize];
+            let mut got = 0u64;
+            for r in data {
+                if r.writable {
+                    return Err(refuse(
+                        Status::IoErr,
+                        "discard/write-zeroes range in a device-writable descriptor",
+                    ));
+                }
+                let end = got.saturating_add(r.len);
+                if end > DWZ_SEGMENT_LEN {
+                    return Err(refuse(
+                        Status::Unsupp,
+                        "discard/write-zeroes with more than one range",
+                    ));
+                }
+                mem.read_slice(&mut seg[got as usize..end as usize], r.addr)
+                    .map_err(|_| refuse(Status::IoErr, "range outside guest memory"))?;
+                got = end;
+            }
+            if got != DWZ_SEGMENT_LEN {
                 return Err(refuse(
                     Status::IoErr,
-                    "discard/write-zeroes takes exactly one 16-byte range",
+                    "discard/write-zeroes range shorter than 16 bytes",
                 ));
             }
-            let mut seg = [0u8; DWZ_SEGMENT_LEN as usize];
-            mem.read_slice(&mut seg, r.addr)
-                .map_err(|_| refuse(Status::IoErr, "range outside guest memory"))?;
             let start = u64::from_le_bytes(seg[0..8].try_into().unwrap());
             let sectors = u64::from(u32::from_le_bytes(seg[8..12].try_into().unwrap()));
             let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
