@@ -568,7 +568,15 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
+        let signal = file.is_some();
         vring.set_call(file);
+        // vmcrypt patch: signal a new call fd once, as libvhost-user does, so
+        // a completion whose notification went to the old fd (a reconnect, a
+        // vector change) is not missed. A spurious interrupt is harmless to
+        // a virtio driver; QEMU's vhost-user-blk qtest `idx` waits for it.
+        if signal {
+            let _ = vring.signal_used_queue();
+        }
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
