@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::filter::FilterSpec;
+use crate::listen::SocketSpec;
 
 /// Errors in the settings.
 #[derive(Debug, thiserror::Error)]
@@ -49,8 +50,16 @@ pub struct ServeOptions {
     pub image: Option<String>,
 
     /// The unix socket QEMU connects to (`-chardev socket,path=...`).
-    #[arg(long, value_name = "PATH")]
+    /// Without it (and without --socket-fd), a socket passed by systemd
+    /// socket activation (LISTEN_FDS) is used.
+    #[arg(long, value_name = "PATH", conflicts_with = "socket_fd")]
     pub socket: Option<PathBuf>,
+
+    /// Serve on this inherited, already listening unix socket instead of
+    /// binding --socket (qemu-storage-daemon's addr.type=fd).
+    #[arg(long, value_name = "FD")]
+    #[serde(skip)]
+    pub socket_fd: Option<i32>,
 
     /// Queues offered to the guest, one worker thread each [default: 4].
     /// QEMU under libvirt asks for one per vCPU.
@@ -136,9 +145,16 @@ impl ServeOptions {
         let file = load_file(&path)?;
         Ok(ServeOptions {
             image: self.image.or(file.image),
-            socket: self
-                .socket
-                .or_else(|| file.socket.map(|p| relative_to(&path, p))),
+            // A descriptor on the command line, or one systemd passed, wins
+            // over the file's path.
+            socket: match self.socket_fd {
+                Some(_) => self.socket,
+                None if crate::listen::activation_requested() => self.socket,
+                None => self
+                    .socket
+                    .or_else(|| file.socket.map(|p| relative_to(&path, p))),
+            },
+            socket_fd: self.socket_fd,
             num_queues: self.num_queues.or(file.num_queues),
             queue_size: self.queue_size.or(file.queue_size),
             read_only: self.read_only || file.read_only,
@@ -196,7 +212,7 @@ pub enum ImageSpec {
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub image: ImageSpec,
-    pub socket: PathBuf,
+    pub socket: SocketSpec,
     pub num_queues: u16,
     pub queue_size: u16,
     pub read_only: bool,
@@ -220,7 +236,19 @@ impl TryFrom<ServeOptions> for ServeConfig {
             s if s.is_empty() => return Err(invalid("image", "empty path")),
             s => ImageSpec::File(s.into()),
         };
-        let socket = o.socket.ok_or(ConfigError::Missing("socket"))?;
+        let socket = match (o.socket, o.socket_fd) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "socket-fd",
+                    "give --socket or --socket-fd, not both",
+                ))
+            }
+            (Some(path), None) => SocketSpec::Path(path),
+            (None, Some(fd)) if fd < 0 => return Err(invalid("socket-fd", "not a descriptor")),
+            (None, Some(fd)) => SocketSpec::Fd(fd),
+            (None, None) if crate::listen::activation_requested() => SocketSpec::Activated,
+            (None, None) => return Err(ConfigError::Missing("socket")),
+        };
         let num_queues = o.num_queues.unwrap_or(4);
         if !(1..=64).contains(&num_queues) {
             return Err(invalid("num-queues", "must be between 1 and 64"));
@@ -356,7 +384,7 @@ mod tests {
         };
         let cfg = ServeConfig::try_from(cli.merged().unwrap()).unwrap();
         assert_eq!(cfg.image, ImageSpec::Null { size: 1 << 20 });
-        assert_eq!(cfg.socket, dir.path().join("s.sock"));
+        assert_eq!(cfg.socket, SocketSpec::Path(dir.path().join("s.sock")));
         assert_eq!(cfg.num_queues, 3);
         assert!(cfg.read_only);
         assert_eq!(cfg.filters.len(), 1);
@@ -406,6 +434,31 @@ mod tests {
             ..base()
         })
         .contains("key=value"));
+        assert!(err(ServeOptions {
+            socket_fd: Some(3),
+            ..base()
+        })
+        .contains("not both"));
+        assert!(err(ServeOptions {
+            socket: None,
+            socket_fd: Some(-1),
+            ..base()
+        })
+        .contains("socket-fd"));
+    }
+
+    #[test]
+    fn a_socket_fd_on_the_command_line_wins_over_the_files_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serve.toml");
+        std::fs::write(&path, "image = \"null:1M\"\nsocket = \"s.sock\"\n").unwrap();
+        let o = ServeOptions {
+            socket_fd: Some(7),
+            config: Some(path),
+            ..Default::default()
+        };
+        let cfg = ServeConfig::try_from(o.merged().unwrap()).unwrap();
+        assert_eq!(cfg.socket, SocketSpec::Fd(7));
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod filter;
 pub mod handover;
 pub mod inflight;
 pub mod keys;
+pub mod listen;
 pub mod request;
 pub mod server;
 pub mod storage;

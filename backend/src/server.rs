@@ -1,11 +1,8 @@
 //! Serving: owns the socket, accepts one frontend at a time (a fresh device
 //! per connection, the image kept open across them), and handles signals.
 
-use std::ffi::CString;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::Listener;
@@ -17,6 +14,7 @@ use crate::device::{BlockDevice, DeviceSettings};
 use crate::filter::{self, Encrypt, Filter};
 use crate::handover::Handover;
 use crate::keys::{self, KeyError};
+use crate::listen::{self, ListenError, Listening};
 use crate::request::{Limits, ID_BYTES};
 use crate::storage::{self, Image, StorageError};
 use crate::worker::DiskInfo;
@@ -31,19 +29,12 @@ pub enum ServeError {
     Filter(#[from] filter::FilterError),
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("socket {path}: {reason}")]
-    Socket { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("vhost-user: {0}")]
     VhostUser(String),
     #[error("signal handling: {0}")]
     Signals(io::Error),
-}
-
-fn socket_err(path: &Path, reason: impl Into<String>) -> ServeError {
-    ServeError::Socket {
-        path: path.into(),
-        reason: reason.into(),
-    }
 }
 
 /// Largest data segment we accept, and the most segments per request.
@@ -55,7 +46,8 @@ const MAX_WRITE_ZEROES: u64 = 8 << 20;
 
 /// What the signal thread needs to shut down cleanly.
 struct Shared {
-    socket: PathBuf,
+    /// The socket file to remove at shutdown, if vmcrypt created it.
+    socket: Option<PathBuf>,
     image: Arc<Image>,
     filters: Vec<Arc<dyn Filter>>,
     /// The device of the connected frontend, if any.
@@ -68,6 +60,19 @@ struct Shared {
 /// `--passphrase-file`) and served through the `encrypt` filter, below any
 /// configured filter; the guest sees the payload.
 pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
+    // The socket first: systemd's variables are read (and cleared) before
+    // any thread starts, and a bad handed-in fd fails before keys are
+    // fetched.
+    let listening = listen::open(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
+    let owned = listening.owned_path.clone();
+    let r = open_and_serve(cfg, listening);
+    if let Some(path) = owned {
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+fn open_and_serve(cfg: ServeConfig, listening: Listening) -> Result<(), ServeError> {
     let mut filters = cfg
         .filters
         .iter()
@@ -94,12 +99,13 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             }
         }
     };
-    serve_image(cfg, Arc::new(image), filters)
+    serve_image(cfg, listening, Arc::new(image), filters)
 }
 
-/// Serves an opened image through `filters`.
-pub fn serve_image(
+/// Serves an opened image through `filters` on `listening`.
+fn serve_image(
     cfg: ServeConfig,
+    listening: Listening,
     image: Arc<Image>,
     filters: Vec<Arc<dyn Filter>>,
 ) -> Result<(), ServeError> {
@@ -131,9 +137,8 @@ pub fn serve_image(
     // Signals are taken by a thread of their own: block them here, before
     // any other thread exists, so every thread inherits the mask.
     let sigset = block_signals().map_err(ServeError::Signals)?;
-    let listener = bind_socket(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
     let shared = Arc::new(Shared {
-        socket: cfg.socket.clone(),
+        socket: listening.owned_path.clone(),
         image: image.clone(),
         filters: filters.clone(),
         current: Mutex::new(None),
@@ -147,7 +152,7 @@ pub fn serve_image(
     }
 
     tracing::info!(
-        socket = %cfg.socket.display(),
+        socket = %listening.describe,
         capacity = image.capacity(),
         queues = cfg.num_queues,
         read_only = cfg.read_only,
@@ -155,7 +160,7 @@ pub fn serve_image(
         "serving; waiting for a frontend"
     );
     let handover = Arc::new(Handover::new(image.clone(), cfg.read_only));
-    let mut listener = Listener::from(listener);
+    let mut listener = Listener::from(listening.listener);
     loop {
         let mem = GuestMemoryAtomic::new(GuestMem::new());
         let dev = BlockDevice::new(
@@ -195,65 +200,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Creates the listening socket with `mode`: a stale socket file is
-/// replaced, a live one (another daemon serving it) or any other file is not.
-fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, ServeError> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(socket_err(
-                path,
-                "exists and is not a socket; refusing to replace it",
-            ));
-        }
-        match UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(socket_err(path, "another process is serving this socket"));
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                tracing::info!(socket = %path.display(), "replacing stale socket");
-                std::fs::remove_file(path)
-                    .map_err(|e| socket_err(path, format!("removing stale socket: {e}")))?;
-            }
-            Err(e) => return Err(socket_err(path, format!("checking existing socket: {e}"))),
-        }
-    }
-    let gid = group
-        .map(|g| lookup_group(g).ok_or_else(|| socket_err(path, format!("unknown group '{g}'"))))
-        .transpose()?;
-    // Create it with no access for others, then open it up to `mode`, so it
-    // is never reachable with wider permissions than asked for.
-    // SAFETY: umask only swaps the process's file mode mask.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = bound.map_err(|e| socket_err(path, format!("cannot bind: {e}")))?;
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .map_err(|e| socket_err(path, format!("cannot set group: {e}")))?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| socket_err(path, format!("cannot set mode: {e}")))?;
-    Ok(listener)
-}
-
-/// The id of a group named or numbered `g`.
-fn lookup_group(g: &str) -> Option<u32> {
-    if let Ok(gid) = g.parse() {
-        return Some(gid);
-    }
-    let name = CString::new(g).ok()?;
-    // SAFETY: getgrnam takes a NUL-terminated string and returns a pointer to
-    // static storage or null; we read one field before any other call.
-    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
-    if gr.is_null() {
-        None
-    } else {
-        // SAFETY: gr is non-null and points to a valid struct group.
-        Some(unsafe { (*gr).gr_gid })
-    }
-}
-
 fn block_signals() -> io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and
     // pthread_sigmask reads it. No pointers escape.
@@ -288,7 +234,9 @@ fn signal_loop(set: libc::sigset_t, shared: &Shared) {
 /// SIGINT/SIGTERM: stop accepting, complete what is in flight, flush, exit 0.
 fn shutdown(shared: &Shared, sig: libc::c_int) -> ! {
     tracing::info!(signal = sig, "shutting down: completing requests in flight");
-    let _ = std::fs::remove_file(&shared.socket);
+    if let Some(path) = &shared.socket {
+        let _ = std::fs::remove_file(path);
+    }
     if let Some(dev) = lock(&shared.current).as_ref() {
         dev.stop();
     }
