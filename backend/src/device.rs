@@ -31,6 +31,8 @@ use crate::GuestMemAtomic;
 
 /// Size of the config space we fill (up to and including write_zeroes_may_unmap).
 const CONFIG_LEN: usize = 60;
+/// Offset of `writeback` in the config space.
+const WRITEBACK: usize = 32;
 
 /// Settings of the device that do not change while serving.
 #[derive(Clone, Debug)]
@@ -69,6 +71,8 @@ impl BlockDevice {
         handover: Arc<Handover>,
     ) -> Result<Self, StorageError> {
         let mut workers = Vec::with_capacity(settings.num_queues);
+        // Each connection starts with the write cache on (writeback).
+        settings.disk.write_cache.set(true);
         for q in 0..settings.num_queues {
             let storage = QueueStorage::new(image, u32::from(settings.queue_size))?;
             let worker = QueueWorker::new(
@@ -160,7 +164,7 @@ fn config_space(s: &DeviceSettings) -> [u8; CONFIG_LEN] {
     c[25] = 0;
     put(&mut c, 26, &1u16.to_le_bytes());
     put(&mut c, 28, &0u32.to_le_bytes());
-    c[32] = 1; // writeback
+    // writeback (32) is filled in by get_config
     put(&mut c, 34, &(s.num_queues as u16).to_le_bytes());
     let block_sectors = l.block_size >> SECTOR_SHIFT;
     put(
@@ -204,6 +208,7 @@ impl VhostUserBackend for BlockDevice {
             | 1 << VIRTIO_BLK_F_MQ
             | 1 << VIRTIO_BLK_F_DISCARD
             | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+            | 1 << VIRTIO_BLK_F_CONFIG_WCE
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | VhostUserVirtioFeatures::LOG_ALL.bits();
         if self.0.settings.disk.limits.read_only {
@@ -254,12 +259,43 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = &self.0.config;
+        let mut c = self.0.config;
+        c[WRITEBACK] = u8::from(self.0.settings.disk.write_cache.is_on());
         let start = (offset as usize).min(c.len());
         let end = start.saturating_add(size as usize).min(c.len());
         let mut out = c[start..end].to_vec();
         out.resize(size as usize, 0);
         out
+    }
+
+    /// `SET_CONFIG`: of the config space only `writeback` is writable (QEMU
+    /// forwards a guest's change of it, one byte); writes to other fields
+    /// are ignored, as QEMU's own virtio-blk does. 0 is write-through.
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let start = offset as usize;
+        let Some(on) = WRITEBACK
+            .checked_sub(start)
+            .and_then(|i| buf.get(i))
+            .map(|b| *b != 0)
+        else {
+            tracing::debug!(
+                offset,
+                len = buf.len(),
+                "ignored a write to read-only config space"
+            );
+            return Ok(());
+        };
+        if self.0.settings.disk.write_cache.set(on) {
+            tracing::info!(
+                "guest set the write cache {}",
+                if on {
+                    "on (writeback)"
+                } else {
+                    "off (write-through: every write is durable on completion)"
+                }
+            );
+        }
+        Ok(())
     }
 
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {

@@ -126,6 +126,7 @@ fn serve_image(
             Image::Null { .. } => 0,
         },
         serial,
+        write_cache: Default::default(),
     });
     let settings = DeviceSettings {
         num_queues: usize::from(cfg.num_queues),

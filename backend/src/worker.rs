@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,9 @@ struct Slot {
     tail: Vec<Iov>,
     /// A write-zeroes whose zero-range fallocate was not supported, retried as a hole punch.
     punch_fallback: bool,
+    /// The write is done and an fdatasync runs before it completes (the
+    /// guest chose write-through).
+    syncing: bool,
 }
 
 /// What a worker knows about the disk.
@@ -63,6 +66,30 @@ pub struct DiskInfo {
     /// Bytes of the image before the disk's first sector.
     pub data_offset: u64,
     pub serial: [u8; ID_BYTES],
+    /// The guest's cache mode, which it may change while running.
+    pub write_cache: WriteCache,
+}
+
+/// `writeback` in the config space (VIRTIO_BLK_F_CONFIG_WCE). Off
+/// (write-through), a write completes only once it is durable.
+#[derive(Clone, Debug)]
+pub struct WriteCache(Arc<AtomicBool>);
+
+impl Default for WriteCache {
+    fn default() -> Self {
+        WriteCache(Arc::new(AtomicBool::new(true)))
+    }
+}
+
+impl WriteCache {
+    pub fn is_on(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Sets the mode; true if it changed.
+    pub fn set(&self, on: bool) -> bool {
+        self.0.swap(on, Ordering::Relaxed) != on
+    }
 }
 
 pub struct QueueWorker {
@@ -406,6 +433,7 @@ impl QueueWorker {
                 slot.stage = 0;
                 slot.done = 0;
                 slot.punch_fallback = false;
+                slot.syncing = false;
                 self.start(idx, queue, mem, now);
             }
             Err(e) => self.refuse(idx, e, queue, mem),
@@ -790,6 +818,19 @@ impl QueueWorker {
     fn on_result(&mut self, idx: usize, res: i64, queue: &mut Queue, mem: &GuestMem) {
         let slot = &mut self.slots[idx];
         let req = &slot.req;
+        if slot.syncing {
+            // The fdatasync of a write-through write.
+            let status = if res < 0 {
+                let e = io::Error::from_raw_os_error(-res as i32);
+                tracing::warn!(queue = self.index, op = ?req.op, offset = req.offset, len = req.len, "write-through fdatasync failed: {e}");
+                Status::IoErr
+            } else {
+                Status::Ok
+            };
+            self.finish(idx, status, queue, mem);
+            return;
+        }
+        let op = req.op;
         let status = match req.op {
             Op::Read | Op::Write if res > 0 => {
                 slot.done += res as u64;
@@ -830,6 +871,17 @@ impl QueueWorker {
             }
             _ => Status::Ok,
         };
+        if status == Status::Ok
+            && matches!(op, Op::Write | Op::WriteZeroes { .. })
+            && !self.disk.write_cache.is_on()
+        {
+            // Write-through: make it durable before the guest hears of it.
+            self.slots[idx].syncing = true;
+            if let Submitted::Done(res) = self.storage.submit(idx as u64, IoOp::Flush) {
+                self.on_result(idx, res, queue, mem);
+            }
+            return;
+        }
         self.finish(idx, status, queue, mem);
     }
 
