@@ -16,6 +16,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== tests"
 cargo test --workspace
 
+echo "== QEMU's own vhost-user-blk tests (qos-test), vmcrypt and qemu-storage-daemon"
+bash ci/qtest.sh "$PWD/target/debug/vmcrypt"
+
 echo "== benchmark smoke run (checks the tool, not the speed)"
 cargo build --release -p vmcrypt -p vmcrypt-bench
 target/release/vmcrypt-bench --quick --out target/bench-quick > /dev/null
