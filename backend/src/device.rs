@@ -51,7 +51,6 @@ pub struct BlockDevice(Arc<Inner>);
 struct Inner {
     settings: DeviceSettings,
     config: [u8; CONFIG_LEN],
-    event_idx: AtomicBool,
     /// One worker per queue, each locked only by its queue's thread (and by
     /// the control thread while stopping that queue).
     workers: Vec<Mutex<QueueWorker>>,
@@ -93,7 +92,6 @@ impl BlockDevice {
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             settings,
-            event_idx: AtomicBool::new(false),
             workers,
             handover,
         })))
@@ -226,9 +224,9 @@ impl VhostUserBackend for BlockDevice {
             | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.0.event_idx.store(enabled, Ordering::Relaxed);
-    }
+    /// The crate sets EVENT_IDX on each vring's queue, whose notification
+    /// calls then follow it; the workers need not know.
+    fn set_event_idx(&self, _enabled: bool) {}
 
     /// `SET_FEATURES`: QEMU sends it every time it starts the device, also
     /// when the memory table is unchanged and so not sent again (a guest
@@ -375,14 +373,10 @@ impl VhostUserBackend for BlockDevice {
                 if !running.load(Ordering::Relaxed) {
                     running.store(true, Ordering::Release);
                 }
-                w.on_kick(vring, self.0.event_idx.load(Ordering::Relaxed))
+                w.on_kick(vring)
             }
-            e if e == self.storage_event() => {
-                w.on_storage(vring, self.0.event_idx.load(Ordering::Relaxed))
-            }
-            e if e == self.timer_event() => {
-                w.on_timer(vring, self.0.event_idx.load(Ordering::Relaxed))
-            }
+            e if e == self.storage_event() => w.on_storage(vring),
+            e if e == self.timer_event() => w.on_timer(vring),
             e => {
                 tracing::warn!(thread_id, event = e, "unexpected event");
                 Ok(())

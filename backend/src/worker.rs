@@ -244,16 +244,16 @@ impl QueueWorker {
     }
 
     /// The guest kicked the queue: take every available request.
-    pub fn on_kick(&mut self, vring: &Vring, event_idx: bool) -> io::Result<()> {
-        self.service(vring, event_idx)
+    pub fn on_kick(&mut self, vring: &Vring) -> io::Result<()> {
+        self.service(vring)
     }
 
     /// Storage posted completions.
-    pub fn on_storage(&mut self, vring: &Vring, event_idx: bool) -> io::Result<()> {
+    pub fn on_storage(&mut self, vring: &Vring) -> io::Result<()> {
         if let Some(efd) = self.storage.completion_fd() {
             efd.consume();
         }
-        self.service(vring, event_idx)
+        self.service(vring)
     }
 
     /// Takes requests from the ring and completions from storage until both
@@ -264,7 +264,7 @@ impl QueueWorker {
     /// window adapts as QEMU's does: it grows when the thread was woken soon
     /// after going idle (polling would have caught the event) and shrinks
     /// when it slept longer than the maximum window.
-    fn service(&mut self, vring: &Vring, event_idx: bool) -> io::Result<()> {
+    fn service(&mut self, vring: &Vring) -> io::Result<()> {
         let now = Instant::now();
         self.adapt_poll(now);
         let mut state = vring.get_mut();
@@ -312,9 +312,12 @@ impl QueueWorker {
                 continue;
             }
             let queue = state.get_queue_mut();
+            // Requests published while notifications were off came without
+            // a kick, with EVENT_IDX or without (the NO_NOTIFY flag): take
+            // them now, or they wait for a kick that never comes.
             let more = queue.enable_notification(&*mem).map_err(io::Error::other)?;
             self.log_used_ring(queue);
-            if !event_idx || !more || self.stopped {
+            if !more || self.stopped {
                 break;
             }
         }
@@ -499,24 +502,24 @@ impl QueueWorker {
 
     /// The timer fired: retry delayed requests, in order, and resubmit what
     /// a restart left in flight once the ring runs.
-    pub fn on_timer(&mut self, vring: &Vring, event_idx: bool) -> io::Result<()> {
+    pub fn on_timer(&mut self, vring: &Vring) -> io::Result<()> {
         self.timer.consume();
         self.run_deferred(vring, false)?;
-        self.poll_recovery(vring, event_idx)
+        self.poll_recovery(vring)
     }
 
     /// Requests in flight before a restart are resubmitted without waiting
     /// for the guest to kick (it may be waiting for them and have nothing
     /// new to submit): until the ring runs, the timer checks every 10 ms, for
     /// at most `RECOVERY_WAIT` after the region arrived.
-    fn poll_recovery(&mut self, vring: &Vring, event_idx: bool) -> io::Result<()> {
+    fn poll_recovery(&mut self, vring: &Vring) -> io::Result<()> {
         let now = Instant::now();
         if !self.recover_pending || self.recover_until.is_none_or(|t| now >= t) {
             return Ok(());
         }
         let runs = vring.get_ref().get_queue().ready() && self.handover.is_held();
         if runs && !self.stopped {
-            self.service(vring, event_idx)?;
+            self.service(vring)?;
         }
         if self.recover_pending {
             self.timer.arm(now + Duration::from_millis(10))?;

@@ -13,6 +13,8 @@ pub struct Disk {
     pub num_queues: u32,
     /// QEMU reconnects to the socket if the backend goes away.
     pub reconnect: bool,
+    /// More `-device vhost-user-blk-pci` properties, e.g. `,event_idx=off`.
+    pub device_opts: String,
 }
 
 impl Disk {
@@ -21,6 +23,7 @@ impl Disk {
             socket: socket.into(),
             num_queues: 2,
             reconnect: false,
+            device_opts: String::new(),
         }
     }
 }
@@ -321,8 +324,8 @@ impl Vm {
             c.args([
                 "-device",
                 &format!(
-                    "vhost-user-blk-pci,chardev=c{i},num-queues={}",
-                    d.num_queues
+                    "vhost-user-blk-pci,chardev=c{i},num-queues={}{}",
+                    d.num_queues, d.device_opts
                 ),
             ]);
         }

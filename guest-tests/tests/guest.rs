@@ -57,6 +57,44 @@ fn raw_disk_boots_and_fio_verify_passes() {
     assert!(d.stop().success());
 }
 
+/// A driver that does not negotiate VIRTIO_RING_F_EVENT_IDX (QEMU
+/// `event_idx=off`) relies on the used ring's NO_NOTIFY flag: a request it
+/// publishes while the flag is set gets no kick, and vmcrypt must see it
+/// when it turns notifications back on. QD1 synchronous I/O on two queues
+/// hits that window often; it used to stall the guest.
+#[test]
+fn a_driver_without_event_idx_is_served() {
+    const FIO_QD1: &str = r#"
+echo "=== BEGIN fio"
+fio --output-format=json --name=verify --filename=/dev/vda --direct=1 --ioengine=psync \
+    --rw=randwrite --bs=4k --size=4M --offset_increment=64M \
+    --numjobs=2 --verify=crc32c --do_verify=1 --verify_fatal=1 --random_generator=tausworthe64
+rc=$?
+echo "=== END fio"
+exit $rc
+"#;
+    let (image, accel, _lock) = setup();
+    let work = tempfile::tempdir().unwrap();
+    let img = raw_image(work.path(), "disk.img", 256 << 20);
+    let d = Vmcrypt::start(
+        work.path(),
+        "vmcrypt",
+        &["--image", img.to_str().unwrap(), "--num-queues", "2"],
+    )
+    .unwrap();
+    let mut vm = Vm::new(&image, accel);
+    let mut disk = Disk::new(&d.socket);
+    disk.device_opts = ",event_idx=off".into();
+    vm.disks.push(disk);
+    vm.timeout = std::time::Duration::from_secs(150);
+    let run = vm
+        .run(FIO_QD1, work.path())
+        .unwrap_or_else(|e| panic!("{e}\nvmcrypt log:\n{}", d.log_text()));
+    eprintln!("guest ran {:.1} s", run.seconds);
+    expect_fio_verify(&run, &d);
+    assert!(d.stop().success());
+}
+
 /// `vmcrypt create` an encrypted image in `dir` with a local key store.
 fn encrypted_image(dir: &Path, name: &str, size: &str) -> std::path::PathBuf {
     guest_tests::vmcrypt::create_encrypted(dir, name, size).unwrap()
