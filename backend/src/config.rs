@@ -109,6 +109,13 @@ pub struct ServeOptions {
     #[arg(long, value_name = "DIR")]
     pub keystore: Option<PathBuf>,
 
+    /// How to serve the image: `luks` (decrypted, with its key) or `raw`
+    /// [default: luks when the image has a key descriptor or
+    /// --passphrase-file is given, else raw]. Never taken from the image's
+    /// bytes: a raw disk whose guest put its own LUKS on it needs `raw`.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<crate::keys::ImageFormat>,
+
     /// Open an encrypted (LUKS1) image with the passphrase in this file
     /// instead of its key descriptor: for images made by cryptsetup or
     /// qemu-img, or for recovery.
@@ -169,6 +176,7 @@ impl ServeOptions {
             socket_mode: self.socket_mode.or(file.socket_mode),
             socket_group: self.socket_group.or(file.socket_group),
             log_level: self.log_level.or(file.log_level),
+            format: self.format.or(file.format),
             keystore: self
                 .keystore
                 .or_else(|| file.keystore.map(|p| relative_to(&path, p))),
@@ -212,6 +220,7 @@ pub enum ImageSpec {
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub image: ImageSpec,
+    pub format: Option<crate::keys::ImageFormat>,
     pub socket: SocketSpec,
     pub num_queues: u16,
     pub queue_size: u16,
@@ -304,8 +313,14 @@ impl TryFrom<ServeOptions> for ServeConfig {
             .iter()
             .map(|f| f.parse::<FilterSpec>())
             .collect::<Result<Vec<_>, _>>()?;
+        if matches!(image, ImageSpec::Null { .. })
+            && o.format == Some(crate::keys::ImageFormat::Luks)
+        {
+            return Err(invalid("format", "a null device cannot be LUKS"));
+        }
         Ok(ServeConfig {
             image,
+            format: o.format,
             socket,
             num_queues,
             queue_size,

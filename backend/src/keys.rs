@@ -31,8 +31,74 @@ pub enum KeyError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{image}: {reason}")]
+    Format { image: PathBuf, reason: String },
     #[error("{0}")]
     Other(String),
+}
+
+/// How an image is served, as the operator configured it.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// The guest sees the image's bytes.
+    Raw,
+    /// A LUKS1 container: the guest sees its decrypted payload.
+    Luks,
+}
+
+/// Decides how `image` is served from the configuration, never from its
+/// bytes (which the guest may have written): a key descriptor beside it,
+/// `--passphrase-file` or `--format luks` mean LUKS; `--format raw`, or none
+/// of them, raw. When the image disagrees (no LUKS header where one is
+/// configured, or a LUKS header and no configuration at all) the start is
+/// refused, naming what settles it.
+pub fn decide_format(
+    image: &Path,
+    file: &File,
+    configured: Option<ImageFormat>,
+    source: &KeySource,
+) -> Result<ImageFormat, KeyError> {
+    let refuse = |reason: String| KeyError::Format {
+        image: image.into(),
+        reason,
+    };
+    let descriptor = KeyDescriptor::path_for(image);
+    let has_descriptor = descriptor.symlink_metadata().is_ok();
+    let has_header = is_luks(file);
+    let why_luks = match (configured, &source.passphrase_file, has_descriptor) {
+        (Some(ImageFormat::Raw), Some(_), _) => {
+            return Err(refuse(
+                "--passphrase-file opens LUKS images; drop it or --format raw".into(),
+            ))
+        }
+        (Some(ImageFormat::Raw), None, true) => {
+            return Err(refuse(format!(
+                "its key descriptor {} says it is encrypted: --format raw would hand its \
+                 ciphertext and key slots to the guest (remove the descriptor if that is meant)",
+                descriptor.display()
+            )))
+        }
+        (Some(ImageFormat::Raw), None, false) => return Ok(ImageFormat::Raw),
+        (Some(ImageFormat::Luks), _, _) => "--format luks is given".to_string(),
+        (None, Some(_), _) => "--passphrase-file is given".to_string(),
+        (None, None, true) => format!("its key descriptor {} exists", descriptor.display()),
+        (None, None, false) if has_header => {
+            return Err(refuse(format!(
+                "it has a LUKS header but no key descriptor ({}) and no --passphrase-file: \
+                 give its key, or --format raw to serve it raw (a guest that encrypts its own disk)",
+                descriptor.display()
+            )))
+        }
+        (None, None, false) => return Ok(ImageFormat::Raw),
+    };
+    if !has_header {
+        return Err(refuse(format!(
+            "it has no LUKS header, but {why_luks}: refusing to serve it (a damaged header \
+             can be restored from a backup with cryptsetup luksHeaderRestore)"
+        )));
+    }
+    Ok(ImageFormat::Luks)
 }
 
 /// The key descriptor kept next to an encrypted image.

@@ -13,7 +13,7 @@ use crate::config::{ImageSpec, ServeConfig};
 use crate::device::{BlockDevice, DeviceSettings};
 use crate::filter::{self, Encrypt, Filter};
 use crate::handover::Handover;
-use crate::keys::{self, KeyError};
+use crate::keys::{self, ImageFormat, KeyError};
 use crate::listen::{self, ListenError, Listening};
 use crate::request::{Limits, ID_BYTES};
 use crate::storage::{self, Image, StorageError};
@@ -82,20 +82,16 @@ fn open_and_serve(cfg: ServeConfig, listening: Listening) -> Result<(), ServeErr
         ImageSpec::Null { size } => Image::Null { capacity: *size },
         ImageSpec::File(path) => {
             let file = storage::open(path, cfg.read_only)?;
-            if keys::is_luks(&file) {
-                let (header, key) = keys::unlock(path, &file, &cfg.keys)?;
-                filters
-                    .push(Arc::new(Encrypt::new(key).map_err(|e| {
-                        ServeError::Key(KeyError::Other(e.to_string()))
-                    })?));
-                Image::from_file(file, path, header.payload_bytes(), cfg.block_size)?
-            } else if cfg.keys.passphrase_file.is_some() {
-                return Err(ServeError::Key(KeyError::Other(format!(
-                    "{}: --passphrase-file given, but the image is not a LUKS image",
-                    path.display()
-                ))));
-            } else {
-                Image::from_file(file, path, 0, cfg.block_size)?
+            match keys::decide_format(path, &file, cfg.format, &cfg.keys)? {
+                ImageFormat::Luks => {
+                    let (header, key) = keys::unlock(path, &file, &cfg.keys)?;
+                    filters
+                        .push(Arc::new(Encrypt::new(key).map_err(|e| {
+                            ServeError::Key(KeyError::Other(e.to_string()))
+                        })?));
+                    Image::from_file(file, path, header.payload_bytes(), cfg.block_size)?
+                }
+                ImageFormat::Raw => Image::from_file(file, path, 0, cfg.block_size)?,
             }
         }
     };

@@ -396,7 +396,7 @@ fn wrong_keys_and_bad_headers_fail_cleanly_and_change_nothing() {
         (
             "magic",
             Box::new(|b: &mut Vec<u8>| b[0] = b'X'),
-            "not a LUKS image",
+            "has no LUKS header, but its key descriptor",
         ),
         ("version", Box::new(|b: &mut Vec<u8>| b[7] = 9), "version 9"),
         (
@@ -427,21 +427,8 @@ fn wrong_keys_and_bad_headers_fail_cleanly_and_change_nothing() {
         std::fs::write(&copy, &bytes).unwrap();
         std::fs::copy(&desc, format!("{}.vmcrypt", copy.display())).unwrap();
         let copy_str = copy.to_str().unwrap().to_string();
-        if name == "magic" {
-            // Without the magic it is no LUKS image: served raw, unless a passphrase is given.
-            serve_fails(
-                dir,
-                &[
-                    "--image",
-                    &copy_str,
-                    "--passphrase-file",
-                    wrong.to_str().unwrap(),
-                ],
-                want,
-            );
-        } else {
-            serve_fails(dir, &["--image", &copy_str], want);
-        }
+        // A damaged magic is not a raw image: the descriptor says LUKS.
+        serve_fails(dir, &["--image", &copy_str], want);
         assert_eq!(
             std::fs::read(&copy).unwrap(),
             bytes,
@@ -449,6 +436,61 @@ fn wrong_keys_and_bad_headers_fail_cleanly_and_change_nothing() {
         );
     }
     assert_eq!(sha(&s.img), before);
+}
+
+/// What is served is decided by the operator's configuration, never by the
+/// image's bytes, which the guest may have written.
+#[test]
+fn the_configuration_decides_raw_or_luks_never_the_bytes() {
+    let s = Setup::new("8M");
+    let img = s.img.to_str().unwrap();
+    let dir = s.dir.path();
+    // An encrypted image with its descriptor is never served raw.
+    serve_fails(dir, &["--image", img, "--format", "raw"], "would hand its");
+    // A raw disk with a LUKS header the guest wrote (its own encryption):
+    // refused without configuration, served raw with --format raw, and the
+    // guest sees its own bytes.
+    let raw = dir.join("guest-luks.img");
+    let mut bytes = std::fs::read(&s.img).unwrap();
+    bytes.truncate(4 * MIB as usize);
+    std::fs::write(&raw, &bytes).unwrap();
+    let raw_str = raw.to_str().unwrap();
+    serve_fails(dir, &["--image", raw_str], "--format raw to serve it raw");
+    serve_fails(
+        dir,
+        &["--image", raw_str, "--format", "luks"],
+        "no key descriptor",
+    );
+    let d = Daemon::start(dir, "raw", &["--image", raw_str, "--format", "raw"]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    assert_eq!(f.capacity, 4 * MIB);
+    assert_eq!(f.read(0, 0, 0, 4096), 0);
+    assert_eq!(f.buf(0, 4096), &bytes[..4096]);
+    drop(f);
+    drop(d);
+    // A raw image without a header: --format luks and --passphrase-file are
+    // refused, and nothing is written.
+    let plain = dir.join("plain.img");
+    std::fs::write(&plain, vec![0u8; MIB as usize]).unwrap();
+    let plain_str = plain.to_str().unwrap();
+    serve_fails(
+        dir,
+        &["--image", plain_str, "--format", "luks"],
+        "has no LUKS header, but --format luks",
+    );
+    let pass = dir.join("pass");
+    std::fs::write(&pass, b"x").unwrap();
+    serve_fails(
+        dir,
+        &[
+            "--image",
+            plain_str,
+            "--passphrase-file",
+            pass.to_str().unwrap(),
+        ],
+        "has no LUKS header, but --passphrase-file",
+    );
+    assert_eq!(std::fs::read(&plain).unwrap(), vec![0u8; MIB as usize]);
 }
 
 #[test]
