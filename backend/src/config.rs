@@ -122,6 +122,12 @@ pub struct ServeOptions {
     #[arg(long, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
 
+    /// Refuse LUKS headers that ask more PBKDF2 iterations than this of a
+    /// key slot or the master-key digest [default: 16777216, about 10 s]:
+    /// a damaged or hostile header could otherwise ask for hours.
+    #[arg(long, value_name = "N")]
+    pub max_pbkdf2_iterations: Option<u32>,
+
     /// KMS configuration file (`[kms]` table: servers, ca, client_cert,
     /// client_key, timeout_ms): fetch the image's key-encryption key from
     /// these KMIP servers. Without it, keys come from the local key store.
@@ -185,6 +191,7 @@ impl ServeOptions {
                 .or_else(|| file.passphrase_file.map(|p| relative_to(&path, p))),
             kms: self.kms.or_else(|| file.kms.map(|p| relative_to(&path, p))),
             kms_deadline: self.kms_deadline.or(file.kms_deadline),
+            max_pbkdf2_iterations: self.max_pbkdf2_iterations.or(file.max_pbkdf2_iterations),
             config: Some(path),
         })
     }
@@ -335,6 +342,9 @@ impl TryFrom<ServeOptions> for ServeConfig {
                 keystore: o.keystore,
                 kms: o.kms,
                 kms_deadline: std::time::Duration::from_secs(o.kms_deadline.unwrap_or(30)),
+                max_iterations: o
+                    .max_pbkdf2_iterations
+                    .unwrap_or(vmcrypt_crypto::luks::DEFAULT_MAX_ITERATIONS),
             },
             poll_us: match o.poll_us.unwrap_or(32) {
                 us if us <= 1000 => us,

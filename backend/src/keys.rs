@@ -200,6 +200,8 @@ pub struct KeySource {
     pub kms: Option<PathBuf>,
     /// How long to keep trying an unreachable KMS.
     pub kms_deadline: std::time::Duration,
+    /// Most PBKDF2 iterations a header may ask before it is opened.
+    pub max_iterations: u32,
 }
 
 impl KeySource {
@@ -316,7 +318,7 @@ pub fn unlock(
         path: image.into(),
         source,
     };
-    let luks = Luks::open(file, image).map_err(luks_err)?;
+    let luks = Luks::open_with_limit(file, image, source.max_iterations).map_err(luks_err)?;
     let passphrase = passphrase_for(image, &luks.header, source)?;
     let (key, slot) = luks.unlock(&passphrase).map_err(luks_err)?;
     tracing::info!(slot, uuid = %luks.header.uuid, "opened the image's key slot");

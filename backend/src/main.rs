@@ -16,6 +16,7 @@ fn key_source(keystore: Option<PathBuf>, kms: Option<PathBuf>, deadline: u64) ->
         keystore,
         kms,
         kms_deadline: std::time::Duration::from_secs(deadline),
+        max_iterations: vmcrypt_crypto::luks::DEFAULT_MAX_ITERATIONS,
     }
 }
 

@@ -415,6 +415,11 @@ fn wrong_keys_and_bad_headers_fail_cleanly_and_change_nothing() {
             "truncated",
         ),
         (
+            "costly slot",
+            Box::new(|b: &mut Vec<u8>| b[212..216].copy_from_slice(&u32::MAX.to_be_bytes())),
+            "asks for 4294967295 PBKDF2 iterations",
+        ),
+        (
             "slot material",
             Box::new(|b: &mut Vec<u8>| b[8 * 512 + 7] ^= 1),
             "no key slot opens",

@@ -41,6 +41,11 @@ pub const PAYLOAD_SECTORS: u32 = 4096;
 /// vmcrypt makes are 256-bit random keys, for which rounds add nothing;
 /// 1000 is the minimum cryptsetup accepts for LUKS1.
 pub const DEFAULT_ITERATIONS: u32 = 1000;
+/// Most PBKDF2 rounds a header may ask of a key slot or the master-key
+/// digest before it is opened: 2^24 is about 10 s of SHA-256 here, several
+/// times what cryptsetup picks for a 2 s unlock; a hostile header asking
+/// 2^32 - 1 would take most of an hour.
+pub const DEFAULT_MAX_ITERATIONS: u32 = 1 << 24;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LuksError {
@@ -62,6 +67,12 @@ pub enum LuksError {
     Unsupported { what: &'static str, value: String },
     #[error("corrupt LUKS header: {0}")]
     Corrupt(String),
+    #[error("{what} asks for {iterations} PBKDF2 iterations, more than the limit of {limit} (raise it with --max-pbkdf2-iterations if the header is trusted)")]
+    TooCostly {
+        what: String,
+        iterations: u32,
+        limit: u32,
+    },
     #[error("no key slot opens with this passphrase (wrong passphrase or key)")]
     WrongPassphrase,
     #[error("all 8 key slots are in use")]
@@ -116,7 +127,45 @@ fn put_text(b: &mut [u8], s: &str) {
     b[..s.len()].copy_from_slice(s.as_bytes());
 }
 
+/// Checks that slot `i`'s material, `sectors` long from `offset`, lies
+/// between the header's sectors (cryptsetup starts material at sector 8)
+/// and the payload.
+fn check_area(i: usize, offset: u32, sectors: u32, payload_offset: u32) -> Result<(), LuksError> {
+    let end = u64::from(offset) + u64::from(sectors);
+    if offset < FIRST_SLOT_SECTOR || end > u64::from(payload_offset) {
+        return Err(LuksError::Corrupt(format!(
+            "key slot {i} material at sectors {offset}..{end} is not between the header \
+             (sectors 0..{FIRST_SLOT_SECTOR}) and the payload (sector {payload_offset})"
+        )));
+    }
+    Ok(())
+}
+
+fn overlaps(a: &KeySlot, b: &KeySlot, sectors: u32) -> bool {
+    let (a0, b0) = (u64::from(a.material_offset), u64::from(b.material_offset));
+    let n = u64::from(sectors);
+    a0 < b0 + n && b0 < a0 + n
+}
+
 impl Header {
+    /// Checks the PBKDF2 cost the header asks of an unlock against `limit`.
+    pub fn check_cost(&self, limit: u32) -> Result<(), LuksError> {
+        let too = |what: String, iterations| LuksError::TooCostly {
+            what,
+            iterations,
+            limit,
+        };
+        if self.mk_digest_iter > limit {
+            return Err(too("the master-key digest".into(), self.mk_digest_iter));
+        }
+        for i in self.active_slots() {
+            if self.slots[i].iterations > limit {
+                return Err(too(format!("key slot {i}"), self.slots[i].iterations));
+            }
+        }
+        Ok(())
+    }
+
     /// Parses and checks a header (`buf` holds at least its 592 bytes).
     pub fn parse(buf: &[u8]) -> Result<Header, LuksError> {
         if buf.len() < HEADER_LEN {
@@ -158,6 +207,11 @@ impl Header {
             stripes: 0,
         });
         let payload_offset = be32(buf, 104);
+        if u64::from(payload_offset) * (SECTOR as u64) < HEADER_LEN as u64 {
+            return Err(LuksError::Corrupt(format!(
+                "payload at sector {payload_offset} overlaps the header"
+            )));
+        }
         let material_sectors = (key_bytes * STRIPES).div_ceil(SECTOR as u32);
         for (i, s) in slots.iter_mut().enumerate() {
             let at = 208 + i * 48;
@@ -177,10 +231,17 @@ impl Header {
                         s.iterations, s.stripes
                     )));
                 }
-                if s.material_offset < 1 || s.material_offset + material_sectors > payload_offset {
+                check_area(i, s.material_offset, material_sectors, payload_offset)?;
+            }
+        }
+        // Active slots' material must not overlap: writing one would
+        // destroy another.
+        for i in 0..NUM_SLOTS {
+            for j in i + 1..NUM_SLOTS {
+                let (a, b) = (&slots[i], &slots[j]);
+                if a.active && b.active && overlaps(a, b, material_sectors) {
                     return Err(LuksError::Corrupt(format!(
-                        "key slot {i} material at sector {} overlaps the header or the payload (sector {payload_offset})",
-                        s.material_offset
+                        "key slots {i} and {j} share key material sectors"
                     )));
                 }
             }
@@ -377,8 +438,18 @@ fn create_in(
 }
 
 impl<'f> Luks<'f> {
-    /// Reads and checks the header of an open image.
+    /// Reads and checks the header of an open image, refusing one that asks
+    /// more than [`DEFAULT_MAX_ITERATIONS`] PBKDF2 rounds.
     pub fn open(file: &'f File, path: &Path) -> Result<Self, LuksError> {
+        Self::open_with_limit(file, path, DEFAULT_MAX_ITERATIONS)
+    }
+
+    /// As [`Luks::open`], with at most `max_iterations` PBKDF2 rounds.
+    pub fn open_with_limit(
+        file: &'f File,
+        path: &Path,
+        max_iterations: u32,
+    ) -> Result<Self, LuksError> {
         let len = file.metadata().map_err(io_err(path, "cannot stat"))?.len();
         let mut buf = [0u8; HEADER_LEN];
         let n = read_up_to(file, &mut buf, 0).map_err(io_err(path, "cannot read the header"))?;
@@ -386,6 +457,7 @@ impl<'f> Luks<'f> {
             return Err(LuksError::NotLuks);
         }
         let header = Header::parse(&buf[..n])?;
+        header.check_cost(max_iterations)?;
         if header.payload_bytes() > len {
             return Err(LuksError::Truncated(format!(
                 "the payload starts at byte {} but the image has {len} bytes",
@@ -470,10 +542,23 @@ impl<'f> Luks<'f> {
         if slot.material_offset == 0 {
             slot.material_offset = FIRST_SLOT_SECTOR + i as u32 * SLOT_SECTORS;
         }
+        // An unused slot's recorded area is trusted no more than a used
+        // one's: inside the key material region, clear of every slot in use.
         let material_sectors = (self.header.material_len()).div_ceil(SECTOR) as u32;
-        if slot.material_offset + material_sectors > self.header.payload_offset {
+        check_area(
+            i,
+            slot.material_offset,
+            material_sectors,
+            self.header.payload_offset,
+        )?;
+        if let Some(j) = self
+            .header
+            .active_slots()
+            .into_iter()
+            .find(|&j| overlaps(&slot, &self.header.slots[j], material_sectors))
+        {
             return Err(LuksError::Corrupt(format!(
-                "key slot {i} has no room before the payload"
+                "unused key slot {i}'s material area overlaps key slot {j}"
             )));
         }
         slot.iterations = DEFAULT_ITERATIONS;

@@ -94,7 +94,29 @@ fn bad_headers_get_clear_errors() {
     check(&slot, "key slot 0 state");
     let mut overlap = good.clone();
     overlap[208 + 40..208 + 44].copy_from_slice(&4000u32.to_be_bytes());
-    check(&overlap, "overlaps");
+    check(&overlap, "not between the header");
+    // Material inside the header's sectors (cryptsetup starts at 8).
+    let mut in_header = good.clone();
+    in_header[208 + 40..208 + 44].copy_from_slice(&1u32.to_be_bytes());
+    check(&in_header, "not between the header");
+    // An offset near 2^32: the end is computed without overflow.
+    let mut wrap = good.clone();
+    wrap[208 + 40..208 + 44].copy_from_slice(&(u32::MAX - 10).to_be_bytes());
+    check(&wrap, "not between the header");
+    // A payload inside the header.
+    let mut payload = good.clone();
+    payload[104..108].copy_from_slice(&1u32.to_be_bytes());
+    check(&payload, "overlaps the header");
+    // Hours of PBKDF2 asked by a key slot or the digest: refused before any.
+    let mut costly = good.clone();
+    costly[208 + 4..208 + 8].copy_from_slice(&u32::MAX.to_be_bytes());
+    check(&costly, "key slot 0 asks for 4294967295 PBKDF2 iterations");
+    let mut digest = good.clone();
+    digest[164..168].copy_from_slice(&u32::MAX.to_be_bytes());
+    check(&digest, "master-key digest asks for");
+    std::fs::write(&path, &costly).unwrap();
+    let f = File::open(&path).unwrap();
+    assert!(Luks::open_with_limit(&f, &path, u32::MAX).is_ok());
     // Damaged key material: the passphrase no longer opens it.
     let mut damaged = good.clone();
     damaged[8 * 512 + 100] ^= 0xff;
@@ -104,4 +126,37 @@ fn bad_headers_get_clear_errors() {
         Luks::open(&f, &path).unwrap().unlock(&pass("x")),
         Err(LuksError::WrongPassphrase)
     ));
+}
+
+/// A header may record any area for an unused slot; adding a key there
+/// must not write into the payload or over a slot in use.
+#[test]
+fn add_slot_checks_the_unused_slots_area() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    let (_, key) = create(&path, 1 << 20, &pass("x")).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let slot1 = 208 + 48 + 40;
+    for (offset, want) in [
+        (4000u32, "not between the header"), // into the payload
+        (8, "overlaps key slot 0"),          // over slot 0's material
+        (2, "not between the header"),       // into the header
+    ] {
+        let mut bytes = good.clone();
+        bytes[slot1..slot1 + 4].copy_from_slice(&offset.to_be_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut luks = Luks::open(&f, &path).unwrap();
+        let err = luks.add_slot(&key, &pass("y")).unwrap_err().to_string();
+        assert!(err.contains(want), "{offset}: want '{want}', got '{err}'");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "{offset}: image changed"
+        );
+    }
 }
