@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -381,7 +382,11 @@ fn wrong_keys_and_bad_headers_fail_cleanly_and_change_nothing() {
     // Missing key.
     std::fs::remove_file(&key_file).unwrap();
     serve_fails(dir, &["--image", img], "not found");
+    // A key file others can read is refused, as ssh refuses such keys.
     std::fs::write(&key_file, &good_key).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    serve_fails(dir, &["--image", img], "chmod 600");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     // Missing descriptor.
     let desc = dir.join("disk.img.vmcrypt");
     let desc_text = std::fs::read(&desc).unwrap();

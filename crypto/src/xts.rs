@@ -30,6 +30,8 @@ pub enum XtsError {
     Init(u32),
     #[error("data length {0} is not a whole number of 512-byte sectors")]
     Length(usize),
+    #[error("the cipher failed (aws-lc error {0})")]
+    Cipher(u32),
 }
 
 /// One direction of the cipher with its expanded keys.
@@ -74,14 +76,14 @@ impl Ctx {
     /// # Safety
     /// `src` must be readable and `dst` writable for `SECTOR` bytes, and the
     /// two must either be the same address or not overlap.
-    unsafe fn sector(&mut self, sector: u64, src: *const u8, dst: *mut u8) {
+    unsafe fn sector(&mut self, sector: u64, src: *const u8, dst: *mut u8) -> Result<(), XtsError> {
         let mut iv = [0u8; 16];
         iv[..8].copy_from_slice(&sector.to_le_bytes());
         let mut outl = 0;
         // SAFETY: the context was initialised with a key; an IV-only
         // re-initialisation keeps the expanded keys. The caller guarantees
         // the buffers; XTS output is exactly as long as its input.
-        unsafe {
+        let ok = unsafe {
             ffi::EVP_CipherInit_ex(
                 self.0,
                 ptr::null(),
@@ -89,10 +91,14 @@ impl Ctx {
                 ptr::null(),
                 iv.as_ptr(),
                 -1,
-            );
-            ffi::EVP_CipherUpdate(self.0, dst, &mut outl, src, SECTOR as i32);
+            ) == 1
+                && ffi::EVP_CipherUpdate(self.0, dst, &mut outl, src, SECTOR as i32) == 1
+        };
+        if !ok || outl as usize != SECTOR {
+            // SAFETY: reads the thread's aws-lc error queue.
+            return Err(XtsError::Cipher(unsafe { ffi::ERR_get_error() }));
         }
-        debug_assert_eq!(outl as usize, SECTOR);
+        Ok(())
     }
 }
 
@@ -157,11 +163,21 @@ impl Xts {
     ///
     /// # Safety
     /// `src` readable and `dst` writable for `n * 512` bytes, equal or disjoint.
-    unsafe fn run(&mut self, encrypt: bool, first: u64, n: usize, src: *const u8, dst: *mut u8) {
+    unsafe fn run(
+        &mut self,
+        encrypt: bool,
+        first: u64,
+        n: usize,
+        src: *const u8,
+        dst: *mut u8,
+    ) -> Result<(), XtsError> {
         match &mut self.engine {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: forwarded from the caller.
-            Engine::Vaes(v) => unsafe { v.run(encrypt, first, n, src, dst) },
+            Engine::Vaes(v) => {
+                unsafe { v.run(encrypt, first, n, src, dst) };
+                Ok(())
+            }
             Engine::AwsLc { enc, dec } => {
                 let ctx = if encrypt { enc } else { dec };
                 for i in 0..n {
@@ -171,9 +187,10 @@ impl Xts {
                             first.wrapping_add(i as u64),
                             src.add(i * SECTOR),
                             dst.add(i * SECTOR),
-                        )
+                        )?
                     };
                 }
+                Ok(())
             }
         }
     }
@@ -196,8 +213,7 @@ impl Xts {
                 src.as_ptr(),
                 dst.as_mut_ptr(),
             )
-        };
-        Ok(())
+        }
     }
 
     /// Encrypts whole sectors in place.
@@ -205,8 +221,7 @@ impl Xts {
         check(buf.len())?;
         let p = buf.as_mut_ptr();
         // SAFETY: in place over len bytes.
-        unsafe { self.run(true, first, buf.len() / SECTOR, p, p) };
-        Ok(())
+        unsafe { self.run(true, first, buf.len() / SECTOR, p, p) }
     }
 
     /// Decrypts whole sectors in place.
@@ -214,8 +229,7 @@ impl Xts {
         check(buf.len())?;
         let p = buf.as_mut_ptr();
         // SAFETY: in place over len bytes.
-        unsafe { self.run(false, first, buf.len() / SECTOR, p, p) };
-        Ok(())
+        unsafe { self.run(false, first, buf.len() / SECTOR, p, p) }
     }
 
     /// Encrypts `n` sectors between raw buffers (guest memory).
@@ -228,7 +242,7 @@ impl Xts {
         n: usize,
         src: *const u8,
         dst: *mut u8,
-    ) {
+    ) -> Result<(), XtsError> {
         // SAFETY: forwarded from the caller.
         unsafe { self.run(true, first, n, src, dst) }
     }
@@ -243,7 +257,7 @@ impl Xts {
         n: usize,
         src: *const u8,
         dst: *mut u8,
-    ) {
+    ) -> Result<(), XtsError> {
         // SAFETY: forwarded from the caller.
         unsafe { self.run(false, first, n, src, dst) }
     }
@@ -252,7 +266,12 @@ impl Xts {
     ///
     /// # Safety
     /// `src` readable and `dst` writable for 512 bytes, equal or disjoint.
-    pub unsafe fn encrypt_sector_raw(&mut self, sector: u64, src: *const u8, dst: *mut u8) {
+    pub unsafe fn encrypt_sector_raw(
+        &mut self,
+        sector: u64,
+        src: *const u8,
+        dst: *mut u8,
+    ) -> Result<(), XtsError> {
         // SAFETY: forwarded from the caller.
         unsafe { self.run(true, sector, 1, src, dst) }
     }
@@ -261,7 +280,12 @@ impl Xts {
     ///
     /// # Safety
     /// `src` readable and `dst` writable for 512 bytes, equal or disjoint.
-    pub unsafe fn decrypt_sector_raw(&mut self, sector: u64, src: *const u8, dst: *mut u8) {
+    pub unsafe fn decrypt_sector_raw(
+        &mut self,
+        sector: u64,
+        src: *const u8,
+        dst: *mut u8,
+    ) -> Result<(), XtsError> {
         // SAFETY: forwarded from the caller.
         unsafe { self.run(false, sector, 1, src, dst) }
     }

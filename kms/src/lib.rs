@@ -82,6 +82,8 @@ pub enum KmsError {
         what: &'static str,
         source: std::io::Error,
     },
+    #[error("key file {path} is open to others (mode {mode:o}); refusing to use it, as ssh refuses such keys: chmod 600 it")]
+    Insecure { path: String, mode: u32 },
     #[error("key {id} at {provider} is malformed: {reason}")]
     Malformed {
         provider: String,

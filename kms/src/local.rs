@@ -115,12 +115,10 @@ impl KeyProvider for LocalKeyStore {
             .permissions()
             .mode();
         if mode & 0o077 != 0 {
-            tracing::warn!(
-                key_id = id,
-                "key file {} is readable by others (mode {:o})",
-                path.display(),
-                mode & 0o777
-            );
+            return Err(KmsError::Insecure {
+                path: path.display().to_string(),
+                mode: mode & 0o777,
+            });
         }
         let mut buf = Zeroizing::new(Vec::with_capacity(KEK_LEN + 1));
         Read::by_ref(&mut f)
@@ -163,6 +161,15 @@ mod tests {
             0o700
         );
         assert_eq!(store.get_kek(&id, None).unwrap().as_bytes(), kek.as_bytes());
+        // A key file others can read is refused, as ssh refuses such keys.
+        let file = store.path(&id, KEY_SUFFIX).unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = store.get_kek(&id, None).err().unwrap();
+        assert!(
+            matches!(err, KmsError::Insecure { mode: 0o644, .. }),
+            "{err}"
+        );
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
         store.revoke_kek(&id).unwrap();
         assert!(matches!(
             store.get_kek(&id, None),
@@ -182,7 +189,9 @@ mod tests {
     fn malformed_key_files_are_reported() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalKeyStore::new(dir.path());
-        fs::write(dir.path().join("abc.key"), b"short").unwrap();
+        let file = dir.path().join("abc.key");
+        fs::write(&file, b"short").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o600)).unwrap();
         let err = store.get_kek("abc", None).unwrap_err().to_string();
         assert!(err.contains("5 bytes"), "{err}");
     }

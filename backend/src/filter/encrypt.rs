@@ -88,7 +88,11 @@ impl QueueFilter for EncryptQueue {
         match req.op {
             Op::Write => {
                 let mut b = self.bounce(req.len as usize);
-                encrypt_from_iovs(&mut self.xts, first, &req.iovs, &mut b);
+                if let Err(e) = encrypt_from_iovs(&mut self.xts, first, &req.iovs, &mut b) {
+                    tracing::error!("encrypting a write: {e}");
+                    self.outstanding -= b.len();
+                    return Verdict::Complete(Status::IoErr);
+                }
                 req.bounce = Some(Bounce::new(b));
             }
             Op::WriteZeroes { .. } => {
@@ -119,7 +123,10 @@ impl QueueFilter for EncryptQueue {
             }
         }
         if req.op == Op::Read && status == Status::Ok {
-            decrypt_iovs(&mut self.xts, req.offset / SECTOR as u64, &req.iovs);
+            if let Err(e) = decrypt_iovs(&mut self.xts, req.offset / SECTOR as u64, &req.iovs) {
+                tracing::error!("decrypting a read: {e}");
+                return Status::IoErr;
+            }
         }
         status
     }
@@ -180,7 +187,12 @@ impl Cursor<'_> {
 
 /// Encrypts the data in `iovs` (whole sectors) into `dst`, handing the
 /// engine whole runs of sectors that lie in one guest buffer.
-fn encrypt_from_iovs(xts: &mut Xts, first: u64, iovs: &[Iov], dst: &mut [u8]) {
+fn encrypt_from_iovs(
+    xts: &mut Xts,
+    first: u64,
+    iovs: &[Iov],
+    dst: &mut [u8],
+) -> Result<(), XtsError> {
     let mut c = Cursor { iovs, i: 0, off: 0 };
     let mut tmp = [0u8; SECTOR];
     let total = dst.len() / SECTOR;
@@ -192,22 +204,23 @@ fn encrypt_from_iovs(xts: &mut Xts, first: u64, iovs: &[Iov], dst: &mut [u8]) {
             Some((src, n)) => {
                 // SAFETY: src is readable for n sectors (one guest buffer),
                 // out is a distinct part of the bounce buffer with room for them.
-                unsafe { xts.encrypt_sectors_raw(sector, n, src, out) };
+                unsafe { xts.encrypt_sectors_raw(sector, n, src, out)? };
                 c.advance(n * SECTOR);
                 done += n;
             }
             None => {
                 c.copy_sector(&mut tmp, false);
                 // SAFETY: tmp and out are distinct SECTOR-byte buffers.
-                unsafe { xts.encrypt_sector_raw(sector, tmp.as_ptr(), out) };
+                unsafe { xts.encrypt_sector_raw(sector, tmp.as_ptr(), out)? };
                 done += 1;
             }
         }
     }
+    Ok(())
 }
 
 /// Decrypts the data in `iovs` (whole sectors) in place.
-fn decrypt_iovs(xts: &mut Xts, first: u64, iovs: &[Iov]) {
+fn decrypt_iovs(xts: &mut Xts, first: u64, iovs: &[Iov]) -> Result<(), XtsError> {
     let total = iovs.iter().map(|i| i.len).sum::<usize>() / SECTOR;
     let mut c = Cursor { iovs, i: 0, off: 0 };
     let mut tmp = [0u8; SECTOR];
@@ -218,7 +231,7 @@ fn decrypt_iovs(xts: &mut Xts, first: u64, iovs: &[Iov]) {
             Some((p, n)) => {
                 // SAFETY: p is n device-writable sectors of one guest
                 // buffer, decrypted in place.
-                unsafe { xts.decrypt_sectors_raw(sector, n, p, p) };
+                unsafe { xts.decrypt_sectors_raw(sector, n, p, p)? };
                 c.advance(n * SECTOR);
                 done += n;
             }
@@ -230,12 +243,13 @@ fn decrypt_iovs(xts: &mut Xts, first: u64, iovs: &[Iov]) {
                 };
                 c.copy_sector(&mut tmp, false);
                 // SAFETY: in place over the SECTOR-byte tmp buffer.
-                unsafe { xts.decrypt_sector_raw(sector, tmp.as_ptr(), tmp.as_mut_ptr()) };
+                unsafe { xts.decrypt_sector_raw(sector, tmp.as_ptr(), tmp.as_mut_ptr())? };
                 back.copy_sector(&mut tmp, true);
                 done += 1;
             }
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -272,12 +286,12 @@ mod tests {
             let mut src = plain.clone();
             let iovs = iovs_over(&mut src, &cuts);
             let mut out = vec![0u8; 4096];
-            encrypt_from_iovs(&mut xts, 99, &iovs, &mut out);
+            encrypt_from_iovs(&mut xts, 99, &iovs, &mut out).unwrap();
             assert_eq!(out, expect, "encrypt, cuts {cuts:?}");
             assert_eq!(src, plain, "guest buffers must not change on a write");
             let mut guest = expect.clone();
             let iovs = iovs_over(&mut guest, &cuts);
-            decrypt_iovs(&mut xts, 99, &iovs);
+            decrypt_iovs(&mut xts, 99, &iovs).unwrap();
             assert_eq!(guest, plain, "decrypt, cuts {cuts:?}");
         }
     }

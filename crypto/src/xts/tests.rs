@@ -96,10 +96,10 @@ fn random_keys_sectors_and_lengths_match_the_oracle() {
         // Raw single-sector calls agree with the slice API.
         let mut raw = vec![0u8; SECTOR];
         // SAFETY: both buffers are SECTOR bytes and distinct.
-        unsafe { xts.encrypt_sector_raw(first, pt.as_ptr(), raw.as_mut_ptr()) };
+        unsafe { xts.encrypt_sector_raw(first, pt.as_ptr(), raw.as_mut_ptr()) }.unwrap();
         assert_eq!(raw, expect[..SECTOR]);
         // SAFETY: in place over one SECTOR-byte buffer.
-        unsafe { xts.decrypt_sector_raw(first, raw.as_ptr(), raw.as_mut_ptr()) };
+        unsafe { xts.decrypt_sector_raw(first, raw.as_ptr(), raw.as_mut_ptr()) }.unwrap();
         assert_eq!(raw, pt[..SECTOR]);
     }
 }
