@@ -266,7 +266,6 @@ fn sigterm_completes_writes_in_flight_and_restart_finds_them() {
     let mut done: Vec<u64> = Vec::new();
     let mut next = 0u64;
     let mut in_flight = 0;
-    let started = Instant::now();
     let mut signalled = false;
     let mut comps: Vec<std::mem::MaybeUninit<Completion>> =
         (0..64).map(|_| std::mem::MaybeUninit::uninit()).collect();
@@ -284,7 +283,9 @@ fn sigterm_completes_writes_in_flight_and_restart_finds_them() {
             next += 1;
             in_flight += 1;
         }
-        if !signalled && started.elapsed() > Duration::from_millis(300) {
+        // SIGTERM once the disk has been written over once, however long
+        // that takes on a loaded machine.
+        if !signalled && done.len() > 1100 {
             d.signal(libc::SIGTERM);
             signalled = true;
         }
