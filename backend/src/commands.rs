@@ -197,6 +197,10 @@ pub fn rekey(
         .write(true)
         .open(image)
         .map_err(io(image, "cannot open"))?;
+    // One header change at a time: an open file description lock on the
+    // header's block (independent of the flock a running serve holds, and
+    // taken also by qemu-img, whose locks sit in these bytes).
+    lock_header(&file, image)?;
     let mut l = Luks::open(&file, image).map_err(luks_err(image))?;
     let (descriptor, old_provider, old_passphrase) = keys::descriptor_key(image, &l.header, old)?;
     let (dek, old_slot) = l.unlock(&old_passphrase).map_err(luks_err(image))?;
@@ -237,6 +241,31 @@ pub fn rekey(
         );
     }
     Ok(())
+}
+
+/// Takes a write lock on the image's first 4 KiB (the LUKS header) for as
+/// long as `file` stays open, or fails at once if someone holds one.
+fn lock_header(file: &File, image: &Path) -> Result<(), CommandError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed flock is a valid value; the fields that matter are set.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 4096;
+    // SAFETY: F_OFD_SETLK reads the flock we own; the fd is open.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    Err(match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => CommandError::Invalid(format!(
+            "{}: another process (a rekey, or qemu-img) is using the LUKS header; \
+             try again when it is done",
+            image.display()
+        )),
+        _ => CommandError::Invalid(format!("{}: cannot lock the header: {e}", image.display())),
+    })
 }
 
 /// `vmcrypt kms check`: can each server be reached, and does it accept us?

@@ -185,7 +185,15 @@ impl KeyDescriptor {
         if replace {
             std::fs::rename(&target, &path).map_err(err)?;
         }
-        Ok(())
+        // The name (new or renamed) must be durable before the caller goes
+        // on: a rekey wipes the old key slot next.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)
     }
 }
 

@@ -503,6 +503,57 @@ fn the_configuration_decides_raw_or_luks_never_the_bytes() {
     assert_eq!(std::fs::read(&plain).unwrap(), vec![0u8; MIB as usize]);
 }
 
+/// Two header changes never interleave: rekey takes a lock on the header
+/// block (as qemu-img's locks sit there too) and refuses while another
+/// holds it, changing nothing; once free it rekeys.
+#[test]
+fn rekey_waits_its_turn_for_the_header() {
+    use std::os::fd::AsRawFd;
+    let s = Setup::new("8M");
+    let img = s.img.to_str().unwrap();
+    let keys = s.keys.to_str().unwrap();
+    let before = sha(&s.img);
+    let desc = std::fs::read(s.dir.path().join("disk.img.vmcrypt")).unwrap();
+    let holder = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&s.img)
+        .unwrap();
+    // SAFETY: a zeroed flock is valid; we set the fields that matter.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 100;
+    fl.l_len = 1;
+    // SAFETY: an open fd and a flock we own.
+    assert_eq!(
+        unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_OFD_SETLK, &fl) },
+        0
+    );
+    let out = vmcrypt(&["rekey", img, "--keystore", keys]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("is using the LUKS header"), "{err}");
+    assert_eq!(sha(&s.img), before);
+    assert_eq!(
+        std::fs::read(s.dir.path().join("disk.img.vmcrypt")).unwrap(),
+        desc
+    );
+    drop(holder);
+    let out = vmcrypt(&["rekey", img, "--keystore", keys]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(
+        std::fs::read(s.dir.path().join("disk.img.vmcrypt")).unwrap(),
+        desc
+    );
+    let d = s.serve("after", &[]);
+    drop(d);
+}
+
 #[test]
 fn info_shows_the_image_and_no_secret() {
     let s = Setup::new("8M");

@@ -87,6 +87,8 @@ impl KeyProvider for LocalKeyStore {
         f.write_all(kek.as_bytes())
             .map_err(self.io("cannot write a key file"))?;
         f.sync_all().map_err(self.io("cannot sync a key file"))?;
+        // The new name must survive a power loss too.
+        sync_dir(&self.dir).map_err(self.io("cannot sync the key store"))?;
         tracing::info!(key_id = %id, name, store = %self.dir.display(), "created a key-encryption key");
         Ok((id, kek))
     }
@@ -137,9 +139,15 @@ impl KeyProvider for LocalKeyStore {
         let from = self.path(id, KEY_SUFFIX)?;
         let to = self.path(id, REVOKED_SUFFIX)?;
         fs::rename(&from, &to).map_err(self.io("cannot revoke a key"))?;
+        sync_dir(&self.dir).map_err(self.io("cannot sync the key store"))?;
         tracing::info!(key_id = id, "revoked a key-encryption key");
         Ok(())
     }
+}
+
+/// Makes the directory's entries (a new or renamed file) durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
