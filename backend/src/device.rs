@@ -367,7 +367,7 @@ impl VhostUserBackend for BlockDevice {
         };
         let mut w = self.worker(thread_id);
         w.set_vring(vring);
-        match device_event {
+        let r = match device_event {
             0 => {
                 let running = &self.0.running[thread_id];
                 if !running.load(Ordering::Relaxed) {
@@ -381,6 +381,13 @@ impl VhostUserBackend for BlockDevice {
                 tracing::warn!(thread_id, event = e, "unexpected event");
                 Ok(())
             }
+        };
+        // An error here (a ring address the memory table does not cover, a
+        // failed io_uring call) would end the queue's thread for good: log
+        // it and keep serving; the next event tries again.
+        if let Err(e) = r {
+            warn_limited!(queue = thread_id, "serving the queue: {e}");
         }
+        Ok(())
     }
 }

@@ -13,6 +13,20 @@
 //!    [`dirty`] logs the guest memory vmcrypt writes while QEMU migrates, and
 //!    [`handover`] keeps the image lock with the running device.
 
+/// Logs a warning at most once a second per call site: what a guest or a
+/// failing disk can cause per request must not flood the log.
+macro_rules! warn_limited {
+    ($($arg:tt)*) => {{
+        static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if LAST.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+            tracing::warn!($($arg)*);
+        }
+    }};
+}
+
 pub mod commands;
 pub mod config;
 pub mod device;

@@ -52,7 +52,8 @@ struct Slot {
     done: u64,
     /// The iovecs for the rest of a transfer after a short one, or the bounce buffer's.
     tail: Vec<Iov>,
-    /// A write-zeroes whose zero-range fallocate was not supported, retried as a hole punch.
+    /// A write-zeroes whose first fallocate mode was not supported, retried
+    /// with the other (zero-range for a hole punch, or the reverse).
     punch_fallback: bool,
     /// The write is done and an fdatasync runs before it completes (the
     /// guest chose write-through).
@@ -134,19 +135,6 @@ pub struct QueueWorker {
     /// guest publishes again while in flight is not taken twice, and a head
     /// is never returned twice.
     taken: Vec<bool>,
-}
-
-/// Logs a warning at most once a second per call site.
-macro_rules! warn_limited {
-    ($($arg:tt)*) => {{
-        static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if LAST.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
-            tracing::warn!($($arg)*);
-        }
-    }};
 }
 
 impl QueueWorker {
@@ -273,9 +261,12 @@ impl QueueWorker {
             // adds a region, then submits requests that point into it): take
             // the current one for every batch.
             let mem = self.mem.memory().into_inner();
+            let enabled = state.is_enabled();
             let queue = state.get_queue_mut();
-            if self.stopped || !queue.ready() || !self.handover.is_held() {
-                // Stopped, not started, or the image is another daemon's:
+            if self.stopped || !queue.ready() || !enabled || !self.handover.is_held() {
+                // Stopped, not started, disabled (SET_VRING_ENABLE 0: a
+                // storage completion must not take new requests either), or
+                // the image is another daemon's:
                 // finish what storage returns, but neither take requests
                 // nor touch the ring's notification fields (after
                 // GET_VRING_BASE the ring is the frontend's again).
@@ -722,6 +713,8 @@ impl QueueWorker {
                 req.written = n as u32;
                 Submitted::Done(n as i64)
             }
+            // Nothing to transfer: done, without a system call.
+            Op::Read | Op::Write if req.len == 0 => Submitted::Done(0),
             Op::Read | Op::Write => {
                 let iovs: &[Iov] =
                     if let Some(b) = req.bounce.as_mut().filter(|_| req.op == Op::Write) {
@@ -750,10 +743,12 @@ impl QueueWorker {
             Op::Flush => self.storage.submit(idx as u64, IoOp::Flush),
             Op::Discard | Op::WriteZeroes { .. } => {
                 let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+                // Write-zeroes may unmap: a hole punch, or zero-range when the
+                // storage cannot punch (and the other way round without
+                // unmap); a discard only ever punches.
                 let mode = match req.op {
-                    Op::WriteZeroes { unmap: false } if !slot.punch_fallback => {
-                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                    }
+                    Op::WriteZeroes { unmap } if unmap == slot.punch_fallback => zero,
                     _ => punch,
                 };
                 self.storage.submit(
@@ -825,7 +820,7 @@ impl QueueWorker {
             // The fdatasync of a write-through write.
             let status = if res < 0 {
                 let e = io::Error::from_raw_os_error(-res as i32);
-                tracing::warn!(queue = self.index, op = ?req.op, offset = req.offset, len = req.len, "write-through fdatasync failed: {e}");
+                warn_limited!(queue = self.index, op = ?req.op, offset = req.offset, len = req.len, "write-through fdatasync failed: {e}");
                 Status::IoErr
             } else {
                 Status::Ok
@@ -835,6 +830,7 @@ impl QueueWorker {
         }
         let op = req.op;
         let status = match req.op {
+            Op::Read | Op::Write if req.len == 0 && res == 0 => Status::Ok,
             Op::Read | Op::Write if res > 0 => {
                 slot.done += res as u64;
                 let total = match (&req.bounce, req.op) {
@@ -857,10 +853,10 @@ impl QueueWorker {
                 } else {
                     io::Error::from_raw_os_error(-res as i32).to_string()
                 };
-                tracing::warn!(queue = self.index, op = ?req.op, offset = req.offset, len = req.len, "I/O error: {what}");
+                warn_limited!(queue = self.index, op = ?req.op, offset = req.offset, len = req.len, "I/O error: {what}");
                 Status::IoErr
             }
-            Op::WriteZeroes { unmap: false }
+            Op::WriteZeroes { .. }
                 if res == -i64::from(libc::EOPNOTSUPP) && !slot.punch_fallback =>
             {
                 slot.punch_fallback = true;
@@ -869,7 +865,7 @@ impl QueueWorker {
             }
             _ if res < 0 => {
                 let e = io::Error::from_raw_os_error(-res as i32);
-                tracing::warn!(queue = self.index, op = ?req.op, offset = req.offset, len = req.len, "I/O error: {e}");
+                warn_limited!(queue = self.index, op = ?req.op, offset = req.offset, len = req.len, "I/O error: {e}");
                 Status::IoErr
             }
             _ => Status::Ok,
