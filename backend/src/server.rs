@@ -85,6 +85,12 @@ fn open_and_serve(cfg: ServeConfig, listening: Listening) -> Result<(), ServeErr
             match keys::decide_format(path, &file, cfg.format, &cfg.keys)? {
                 ImageFormat::Luks => {
                     let (header, key) = keys::unlock(path, &file, &cfg.keys)?;
+                    if vmcrypt_crypto::locked::lock_failed() {
+                        tracing::warn!(
+                            "cannot lock key memory (RLIMIT_MEMLOCK too small?): keys may reach swap; \
+                             they are still kept out of core dumps"
+                        );
+                    }
                     filters
                         .push(Arc::new(Encrypt::new(key).map_err(|e| {
                             ServeError::Key(KeyError::Other(e.to_string()))

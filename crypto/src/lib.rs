@@ -3,6 +3,7 @@
 
 pub mod af;
 pub mod key;
+pub mod locked;
 pub mod luks;
 pub mod xts;
 

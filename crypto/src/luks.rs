@@ -486,7 +486,7 @@ impl<'f> Luks<'f> {
         self.header
             .hash
             .pbkdf2(passphrase.as_bytes(), &slot.salt, slot.iterations, &mut *k);
-        Ok(Xts::new(&MasterKey::from_bytes(*k))?)
+        Ok(Xts::new(&MasterKey::from_bytes(&k))?)
     }
 
     fn try_slot(&self, i: usize, passphrase: &Passphrase) -> Result<Option<MasterKey>, LuksError> {

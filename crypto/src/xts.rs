@@ -114,7 +114,7 @@ impl Drop for Ctx {
 enum Engine {
     /// Our VAES/AVX-512 code: whole runs of sectors per call.
     #[cfg(target_arch = "x86_64")]
-    Vaes(Box<vaes::VaesXts>),
+    Vaes(crate::locked::Locked<vaes::VaesXts>),
     /// aws-lc's EVP interface: one call per sector.
     AwsLc { enc: Ctx, dec: Ctx },
 }
@@ -133,8 +133,10 @@ impl Xts {
             if key.as_bytes()[..32] == key.as_bytes()[32..] {
                 return Err(XtsError::DuplicatedKeys);
             }
+            let mut keys = crate::locked::Locked::<vaes::VaesXts>::zeroed();
+            keys.get_mut().init(key.as_bytes());
             return Ok(Xts {
-                engine: Engine::Vaes(Box::new(vaes::VaesXts::new(key.as_bytes()))),
+                engine: Engine::Vaes(keys),
             });
         }
         Self::new_aws_lc(key)
@@ -175,7 +177,7 @@ impl Xts {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: forwarded from the caller.
             Engine::Vaes(v) => {
-                unsafe { v.run(encrypt, first, n, src, dst) };
+                unsafe { v.get().run(encrypt, first, n, src, dst) };
                 Ok(())
             }
             Engine::AwsLc { enc, dec } => {

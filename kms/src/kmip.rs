@@ -490,7 +490,7 @@ impl<T: Read + Write> Kmip for Conn<'_, T> {
             return Err(malformed("key material is not raw bytes"));
         };
         let bytes = Zeroizing::new(bytes);
-        let arr: [u8; KEK_LEN] = bytes
+        let arr: &[u8; KEK_LEN] = bytes
             .as_slice()
             .try_into()
             .map_err(|_| malformed(&format!("{} bytes, expected {KEK_LEN}", bytes.len())))?;

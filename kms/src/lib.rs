@@ -10,7 +10,7 @@ pub mod local;
 
 use std::fmt;
 
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use vmcrypt_crypto::locked::Locked;
 
 pub use kmip::{KmipConfig, KmipProvider};
 pub use local::LocalKeyStore;
@@ -18,25 +18,27 @@ pub use local::LocalKeyStore;
 /// Bytes of a KEK.
 pub const KEK_LEN: usize = 32;
 
-/// A key-encryption key: zeroed on drop, never printed.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct Kek([u8; KEK_LEN]);
+/// A key-encryption key: in locked memory, zeroed on drop, never printed.
+#[derive(Clone)]
+pub struct Kek(Locked<[u8; KEK_LEN]>);
 
 impl Kek {
-    pub fn from_bytes(b: [u8; KEK_LEN]) -> Self {
-        Kek(b)
+    /// A copy of `b` in locked memory (taken by reference: the caller
+    /// zeroes its own).
+    pub fn from_bytes(b: &[u8; KEK_LEN]) -> Self {
+        let mut k = Locked::<[u8; KEK_LEN]>::zeroed();
+        k.get_mut().copy_from_slice(b);
+        Kek(k)
     }
 
     pub fn generate() -> Self {
-        let mut b = [0u8; KEK_LEN];
-        getrandom::fill(&mut b).expect("the OS random source failed");
-        let k = Kek(b);
-        b.zeroize();
-        k
+        let mut k = Locked::<[u8; KEK_LEN]>::zeroed();
+        getrandom::fill(k.get_mut()).expect("the OS random source failed");
+        Kek(k)
     }
 
     pub fn as_bytes(&self) -> &[u8; KEK_LEN] {
-        &self.0
+        self.0.get()
     }
 }
 

@@ -127,7 +127,7 @@ impl KeyProvider for LocalKeyStore {
             .take(KEK_LEN as u64 + 1)
             .read_to_end(&mut buf)
             .map_err(self.io("cannot read a key file"))?;
-        let bytes: [u8; KEK_LEN] = buf.as_slice().try_into().map_err(|_| KmsError::Malformed {
+        let bytes: &[u8; KEK_LEN] = buf.as_slice().try_into().map_err(|_| KmsError::Malformed {
             provider: self.describe(),
             id: id.into(),
             reason: format!("{} bytes, expected {KEK_LEN}", buf.len()),

@@ -11,7 +11,7 @@ const V10_KEY: &str = "271828182845904523536028747135266249775724709369995957496
 const V10_CT: &str = "1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b5d31e276f8fe4a8d66b317f9ac683f44680a86ac35adfc3345befecb4bb188fd5776926c49a3095eb108fd1098baec70aaa66999a72a82f27d848b21d4a741b0c5cd4d5fff9dac89aeba122961d03a757123e9870f8acf1000020887891429ca2a3e7a7d7df7b10355165c8b9a6d0a7de8b062c4500dc4cd120c0f7418dae3d0b5781c34803fa75421c790dfe1de1834f280d7667b327f6c8cd7557e12ac3a0f93ec05c52e0493ef31a12d3d9260f79a289d6a379bc70c50841473d1a8cc81ec583e9645e07b8d9670655ba5bbcfecc6dc3966380ad8fecb17b6ba02469a020a84e18e8f84252070c13e9f1f289be54fbc481457778f616015e1327a02b140f1505eb309326d68378f8374595c849d84f4c333ec4423885143cb47bd71c5edae9be69a2ffeceb1bec9de244fbe15992b11b77c040f12bd8f6a975a44a0f90c29a9abc3d4d893927284c58754cce294529f8614dcd2aba991925fedc4ae74ffac6e333b93eb4aff0479da9a410e4450e0dd7ae4c6e2910900575da401fc07059f645e8b7e9bfdef33943054ff84011493c27b3429eaedb4ed5376441a77ed43851ad77f16f541dfd269d50d6a5f14fb0aab1cbb4c1550be97f7ab4066193c4caa773dad38014bd2092fa755c824bb5e54c4f36ffda9fcea70b9c6e693e148c151";
 
 fn key_from_hex(h: &str) -> MasterKey {
-    MasterKey::from_bytes(hex::decode(h).unwrap().try_into().unwrap())
+    MasterKey::from_bytes(&hex::decode(h).unwrap().try_into().unwrap())
 }
 
 #[test]
@@ -59,7 +59,7 @@ fn random_keys_sectors_and_lengths_match_the_oracle() {
     for round in 0..200 {
         let mut kb = [0u8; 64];
         rng.fill(&mut kb);
-        let key = MasterKey::from_bytes(kb);
+        let key = MasterKey::from_bytes(&kb);
         let sectors = 1 + (rng.next() % 64) as usize;
         // Sector numbers across 2^32, and near it.
         let first = match round % 3 {
@@ -115,7 +115,7 @@ fn equal_blocks_at_different_sectors_differ() {
 
 #[test]
 fn bad_inputs_are_refused() {
-    let same = MasterKey::from_bytes([7; 64]);
+    let same = MasterKey::from_bytes(&[7; 64]);
     assert!(matches!(Xts::new(&same), Err(XtsError::DuplicatedKeys)));
     let mut xts = Xts::new(&MasterKey::generate()).unwrap();
     let mut buf = vec![0u8; 100];
@@ -131,7 +131,7 @@ fn both_engines_agree() {
     for _ in 0..50 {
         let mut kb = [0u8; 64];
         rng.fill(&mut kb);
-        let key = MasterKey::from_bytes(kb);
+        let key = MasterKey::from_bytes(&kb);
         let n = 1 + (rng.next() % 13) as usize;
         let first = rng.next();
         let mut pt = vec![0u8; n * SECTOR];

@@ -21,17 +21,15 @@ pub struct VaesXts {
 // SAFETY: plain key material in SIMD registers' layout, no pointers.
 unsafe impl Send for VaesXts {}
 
-impl Drop for VaesXts {
-    fn drop(&mut self) {
-        // SAFETY: overwriting our own arrays with zeroes; volatile so the
-        // compiler keeps the writes.
-        unsafe {
-            for k in [&mut self.ek1, &mut self.dk1, &mut self.ek2] {
-                for r in k.iter_mut() {
-                    std::ptr::write_volatile(r, _mm512_setzero_si512());
-                }
-            }
-        }
+// SAFETY: all-zero vectors are valid round keys (of no key), and the type
+// owns no memory; it lives in `Locked`, which zeroes it on drop.
+unsafe impl crate::locked::Plain for VaesXts {}
+
+/// Zeroes round keys left in a local array.
+fn wipe<T: Copy>(a: &mut [T], zero: T) {
+    for x in a.iter_mut() {
+        // SAFETY: a valid &mut; volatile so the write is kept.
+        unsafe { std::ptr::write_volatile(x, zero) };
     }
 }
 
@@ -142,26 +140,29 @@ fn first_four(t: u128) -> [u128; 4] {
 }
 
 impl VaesXts {
-    /// Expands the keys. The caller checks [`available`] first.
-    pub fn new(key: &[u8; 64]) -> Self {
+    /// Expands the keys into `self` (in place, so the round keys are not
+    /// copied around). The caller checks [`available`] first.
+    pub fn init(&mut self, key: &[u8; 64]) {
         assert!(available(), "VAES XTS needs AVX-512F, VAES and AES-NI");
         let k1: &[u8; 32] = key[..32].try_into().unwrap();
         let k2: &[u8; 32] = key[32..].try_into().unwrap();
         // SAFETY: the CPU features were checked above.
         unsafe {
-            let e1 = expand(k1);
-            let e2 = expand(k2);
+            let mut e1 = expand(k1);
+            let mut e2 = expand(k2);
             let mut d1 = [_mm_setzero_si128(); 15];
             d1[0] = e1[14];
             for i in 1..14 {
                 d1[i] = _mm_aesimc_si128(e1[14 - i]);
             }
             d1[14] = e1[0];
-            VaesXts {
-                ek1: broadcast(&e1),
-                dk1: broadcast(&d1),
-                ek2: broadcast(&e2),
-            }
+            self.ek1 = broadcast(&e1);
+            self.dk1 = broadcast(&d1);
+            self.ek2 = broadcast(&e2);
+            let z = _mm_setzero_si128();
+            wipe(&mut e1, z);
+            wipe(&mut e2, z);
+            wipe(&mut d1, z);
         }
     }
 
