@@ -66,8 +66,10 @@ pub struct Iov {
 // memory snapshot the request holds.
 unsafe impl Send for Iov {}
 
-/// A buffer the storage layer writes instead of the guest's buffers (a filter
-/// that transforms written data must never do it in guest memory).
+/// A buffer the storage layer uses instead of the guest's buffers: it writes
+/// from it (a filter that transforms written data must never do it in guest
+/// memory) or reads into it (a filter that transforms read data puts only
+/// the result into guest memory).
 #[derive(Debug, Default)]
 pub struct Bounce {
     pub buf: Vec<u8>,
@@ -94,7 +96,8 @@ pub struct Request {
     pub len: u64,
     /// The guest's data buffers (empty for flush, discard, write-zeroes).
     pub iovs: Vec<Iov>,
-    /// Set by a filter: the buffer storage writes instead of `iovs`.
+    /// Set by a filter: the buffer storage reads into or writes from
+    /// instead of `iovs`.
     pub bounce: Option<Bounce>,
     /// When the worker took the request from the queue.
     pub started: Instant,

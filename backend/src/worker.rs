@@ -716,22 +716,21 @@ impl QueueWorker {
             // Nothing to transfer: done, without a system call.
             Op::Read | Op::Write if req.len == 0 => Submitted::Done(0),
             Op::Read | Op::Write => {
-                let iovs: &[Iov] =
-                    if let Some(b) = req.bounce.as_mut().filter(|_| req.op == Op::Write) {
-                        let done = slot.done as usize;
-                        slot.tail.clear();
-                        slot.tail.push(Iov {
-                            // SAFETY: done < bounce length, so the pointer stays inside the buffer.
-                            base: unsafe { b.buf.as_mut_ptr().add(done) },
-                            len: b.buf.len() - done,
-                        });
-                        &slot.tail
-                    } else if slot.done == 0 {
-                        &req.iovs
-                    } else {
-                        advance(&req.iovs, slot.done, &mut slot.tail);
-                        &slot.tail
-                    };
+                let iovs: &[Iov] = if let Some(b) = req.bounce.as_mut() {
+                    let done = slot.done as usize;
+                    slot.tail.clear();
+                    slot.tail.push(Iov {
+                        // SAFETY: done < bounce length, so the pointer stays inside the buffer.
+                        base: unsafe { b.buf.as_mut_ptr().add(done) },
+                        len: b.buf.len() - done,
+                    });
+                    &slot.tail
+                } else if slot.done == 0 {
+                    &req.iovs
+                } else {
+                    advance(&req.iovs, slot.done, &mut slot.tail);
+                    &slot.tail
+                };
                 let offset = base + req.offset + slot.done;
                 let op = if req.op == Op::Read {
                     IoOp::Read { offset, iovs }
@@ -833,9 +832,9 @@ impl QueueWorker {
             Op::Read | Op::Write if req.len == 0 && res == 0 => Status::Ok,
             Op::Read | Op::Write if res > 0 => {
                 slot.done += res as u64;
-                let total = match (&req.bounce, req.op) {
-                    (Some(b), Op::Write) => b.buf.len() as u64,
-                    _ => req.len,
+                let total = match &req.bounce {
+                    Some(b) => b.buf.len() as u64,
+                    None => req.len,
                 };
                 if slot.done < total {
                     // Short transfer: continue with the rest.

@@ -1,8 +1,11 @@
 //! `encrypt`: AES-256-XTS at rest, the bottom stage of the pipeline.
 //!
 //! Writes are encrypted from the guest's buffers into a per-queue bounce
-//! buffer in one pass (guest memory is never modified on a write); reads are
-//! decrypted in place in the guest's buffers once storage has filled them.
+//! buffer in one pass (guest memory is never modified on a write). Reads go
+//! from storage into a bounce buffer and are decrypted from there into the
+//! guest's buffers, also in one pass: ciphertext never reaches guest memory
+//! (a guest racing the completion could otherwise have chosen ciphertext
+//! decrypted at a chosen sector), as with QEMU's LUKS driver.
 //! The tweak is the sector number counted from the start of the payload
 //! (LUKS1 `plain64`). Each queue has its own engine, so the AES key
 //! schedules are expanded once per queue.
@@ -11,8 +14,8 @@
 //! DISCARD punches a hole, after which reads of that range return
 //! unpredictable data, as the virtio spec allows for discarded blocks.
 //!
-//! Bounce buffers are bounded per queue: a write that would take the queue
-//! past [`BOUNCE_BUDGET`] waits (the pipeline's Delay) until earlier writes
+//! Bounce buffers are bounded per queue: a request that would take the queue
+//! past [`BOUNCE_BUDGET`] waits (the pipeline's Delay) until earlier ones
 //! complete, so a guest cannot make the host allocate without limit.
 
 use std::sync::Arc;
@@ -50,9 +53,9 @@ impl Filter for Encrypt {
 
 struct EncryptQueue {
     xts: Xts,
-    /// Bounce buffers returned by completed writes, for reuse.
+    /// Bounce buffers returned by completed requests, for reuse.
     pool: Vec<Vec<u8>>,
-    /// Bytes of bounce buffers held by writes in flight.
+    /// Bytes of bounce buffers held by requests in flight.
     outstanding: usize,
 }
 
@@ -76,9 +79,9 @@ impl EncryptQueue {
 impl QueueFilter for EncryptQueue {
     fn submit(&mut self, req: &mut Request, now: Instant, may_delay: bool) -> Verdict {
         let first = req.offset / SECTOR as u64;
-        if matches!(req.op, Op::Write | Op::WriteZeroes { .. }) {
+        if matches!(req.op, Op::Read | Op::Write | Op::WriteZeroes { .. }) {
             let len = req.len as usize;
-            // One write always goes, however large; more wait for room,
+            // One request always goes, however large; more wait for room,
             // unless the queue is draining.
             if may_delay && self.outstanding > 0 && self.outstanding + len > BOUNCE_BUDGET {
                 return Verdict::Delay(now + BOUNCE_RETRY);
@@ -107,26 +110,33 @@ impl QueueFilter for EncryptQueue {
                 req.bounce = Some(bounce);
                 req.op = Op::Write;
             }
-            Op::Read | Op::Flush | Op::Discard | Op::GetId => {}
+            Op::Read => {
+                // Storage fills this; the guest sees only what is decrypted.
+                let b = self.bounce(req.len as usize);
+                req.bounce = Some(Bounce::new(b));
+            }
+            Op::Flush | Op::Discard | Op::GetId => {}
         }
         Verdict::Pass
     }
 
-    fn complete(&mut self, req: &mut Request, status: Status) -> Status {
-        if let Some(bounce) = req.bounce.take() {
-            self.outstanding -= bounce.buf.len();
-            if let Some(op) = bounce.replaces {
-                req.op = op;
-            }
-            if bounce.buf.capacity() <= POOL_KEEP_MAX && self.pool.len() < POOL_LEN_MAX {
-                self.pool.push(bounce.buf);
-            }
+    fn complete(&mut self, req: &mut Request, mut status: Status) -> Status {
+        let Some(bounce) = req.bounce.take() else {
+            return status;
+        };
+        self.outstanding -= bounce.buf.len();
+        if let Some(op) = bounce.replaces {
+            req.op = op;
         }
         if req.op == Op::Read && status == Status::Ok {
-            if let Err(e) = decrypt_iovs(&mut self.xts, req.offset / SECTOR as u64, &req.iovs) {
+            let first = req.offset / SECTOR as u64;
+            if let Err(e) = decrypt_into_iovs(&mut self.xts, first, &bounce.buf, &req.iovs) {
                 tracing::error!("decrypting a read: {e}");
-                return Status::IoErr;
+                status = Status::IoErr;
             }
+        }
+        if bounce.buf.capacity() <= POOL_KEEP_MAX && self.pool.len() < POOL_LEN_MAX {
+            self.pool.push(bounce.buf);
         }
         status
     }
@@ -219,32 +229,30 @@ fn encrypt_from_iovs(
     Ok(())
 }
 
-/// Decrypts the data in `iovs` (whole sectors) in place.
-fn decrypt_iovs(xts: &mut Xts, first: u64, iovs: &[Iov]) -> Result<(), XtsError> {
-    let total = iovs.iter().map(|i| i.len).sum::<usize>() / SECTOR;
+/// Decrypts `src` (whole sectors, read from storage) into the guest's
+/// buffers `iovs`, handing the engine whole runs of sectors that lie in one
+/// guest buffer; a sector split across buffers goes through a local copy.
+fn decrypt_into_iovs(xts: &mut Xts, first: u64, src: &[u8], iovs: &[Iov]) -> Result<(), XtsError> {
     let mut c = Cursor { iovs, i: 0, off: 0 };
     let mut tmp = [0u8; SECTOR];
+    let total = src.len() / SECTOR;
     let mut done = 0;
     while done < total {
+        let from = src[done * SECTOR..].as_ptr();
         let sector = first + done as u64;
         match c.contiguous(total - done) {
-            Some((p, n)) => {
-                // SAFETY: p is n device-writable sectors of one guest
-                // buffer, decrypted in place.
-                unsafe { xts.decrypt_sectors_raw(sector, n, p, p)? };
+            Some((dst, n)) => {
+                // SAFETY: `from` is readable for n sectors of the bounce
+                // buffer; dst is n device-writable sectors of one guest
+                // buffer, which the request keeps mapped. They do not overlap.
+                unsafe { xts.decrypt_sectors_raw(sector, n, from, dst)? };
                 c.advance(n * SECTOR);
                 done += n;
             }
             None => {
-                let mut back = Cursor {
-                    iovs,
-                    i: c.i,
-                    off: c.off,
-                };
-                c.copy_sector(&mut tmp, false);
-                // SAFETY: in place over the SECTOR-byte tmp buffer.
-                unsafe { xts.decrypt_sector_raw(sector, tmp.as_ptr(), tmp.as_mut_ptr())? };
-                back.copy_sector(&mut tmp, true);
+                // SAFETY: tmp is a distinct SECTOR-byte buffer.
+                unsafe { xts.decrypt_sector_raw(sector, from, tmp.as_mut_ptr())? };
+                c.copy_sector(&mut tmp, true);
                 done += 1;
             }
         }
@@ -289,11 +297,56 @@ mod tests {
             encrypt_from_iovs(&mut xts, 99, &iovs, &mut out).unwrap();
             assert_eq!(out, expect, "encrypt, cuts {cuts:?}");
             assert_eq!(src, plain, "guest buffers must not change on a write");
-            let mut guest = expect.clone();
+            let mut guest = vec![0u8; 4096];
             let iovs = iovs_over(&mut guest, &cuts);
-            decrypt_iovs(&mut xts, 99, &iovs).unwrap();
+            decrypt_into_iovs(&mut xts, 99, &expect, &iovs).unwrap();
             assert_eq!(guest, plain, "decrypt, cuts {cuts:?}");
         }
+    }
+
+    /// Storage reads into the filter's bounce buffer, never into guest
+    /// memory; the guest's buffers receive only plaintext.
+    #[test]
+    fn reads_never_put_ciphertext_in_guest_memory() {
+        let key = MasterKey::generate();
+        let f = Encrypt::new(key.clone()).unwrap();
+        let mut q = f.queue_filter(0);
+        let plain: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 1) as u8).collect();
+        let mut cipher = plain.clone();
+        Xts::new(&key)
+            .unwrap()
+            .encrypt_in_place(16, &mut cipher)
+            .unwrap();
+        let mut guest = vec![0xeeu8; 8192];
+        let mut req = Request {
+            op: Op::Read,
+            offset: 16 * SECTOR as u64,
+            len: 8192,
+            iovs: iovs_over(&mut guest, &[1000, 5000]),
+            ..Default::default()
+        };
+        assert_eq!(q.submit(&mut req, Instant::now(), true), Verdict::Pass);
+        // What the worker hands storage: the bounce buffer, not the iovs.
+        let bounce = req.bounce.as_mut().expect("a read gets a bounce buffer");
+        assert_eq!(bounce.buf.len(), 8192);
+        bounce.buf.copy_from_slice(&cipher);
+        assert!(guest.iter().all(|&b| b == 0xee), "guest memory untouched");
+        assert_eq!(q.complete(&mut req, Status::Ok), Status::Ok);
+        assert_eq!(guest, plain);
+        assert!(req.bounce.is_none());
+        // A failed read leaves the guest's buffers as they were.
+        let mut guest = vec![0xeeu8; 4096];
+        let mut req = Request {
+            op: Op::Read,
+            offset: 0,
+            len: 4096,
+            iovs: iovs_over(&mut guest, &[]),
+            ..Default::default()
+        };
+        q.submit(&mut req, Instant::now(), true);
+        req.bounce.as_mut().unwrap().buf.fill(0x55);
+        assert_eq!(q.complete(&mut req, Status::IoErr), Status::IoErr);
+        assert!(guest.iter().all(|&b| b == 0xee));
     }
 
     #[test]
