@@ -13,6 +13,9 @@
 //!    [`dirty`] logs the guest memory vmcrypt writes while QEMU migrates, and
 //!    [`handover`] keeps the image lock with the running device.
 
+// Every unsafe block says why it is sound (CI runs clippy with -D warnings).
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 /// Logs a warning at most once a second per call site: what a guest or a
 /// failing disk can cause per request must not flood the log.
 macro_rules! warn_limited {

@@ -134,9 +134,10 @@ fn adopt(fd: RawFd) -> Result<UnixListener, String> {
     if fd < 0 {
         return Err("not a file descriptor".into());
     }
-    // SAFETY: fstat writes a stat into our zeroed buffer; an invalid fd only
-    // makes it fail.
+    // SAFETY: an all-zero stat is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes a stat into our buffer; an invalid fd only makes
+    // it fail.
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
         return Err(format!("not open ({})", io::Error::last_os_error()));
     }

@@ -57,8 +57,40 @@ impl Op {
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
 pub struct Iov {
-    pub base: *mut u8,
-    pub len: usize,
+    base: *mut u8,
+    len: usize,
+}
+
+impl Iov {
+    /// # Safety
+    /// `base` must be valid for reads and writes of `len` bytes for as long
+    /// as this `Iov`, or a copy of it, is used: guest memory kept mapped by
+    /// the request's memory snapshot, or a buffer that outlives the request.
+    pub unsafe fn new(base: *mut u8, len: usize) -> Iov {
+        Iov { base, len }
+    }
+
+    pub fn base(&self) -> *mut u8 {
+        self.base
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The rest of this buffer after `skip` bytes (`skip < len`).
+    pub fn skip(&self, skip: usize) -> Iov {
+        assert!(skip < self.len);
+        Iov {
+            // SAFETY: skip < len, so the pointer stays inside the buffer.
+            base: unsafe { self.base.add(skip) },
+            len: self.len - skip,
+        }
+    }
 }
 
 // SAFETY: an Iov is a plain address range in guest memory that the queue
@@ -419,10 +451,9 @@ fn map_region(mem: &GuestMem, r: Region, iovs: &mut Vec<Iov>) -> Result<(), Pars
     let mut mapped = 0usize;
     for slice in mem.get_slices(r.addr, len) {
         let slice = slice.map_err(|_| outside())?;
-        iovs.push(Iov {
-            base: slice.ptr_guard_mut().as_ptr(),
-            len: slice.len(),
-        });
+        // SAFETY: the slice lies in guest memory, which the request's memory
+        // snapshot keeps mapped until it completes.
+        iovs.push(unsafe { Iov::new(slice.ptr_guard_mut().as_ptr(), slice.len()) });
         mapped += slice.len();
     }
     if mapped != len {

@@ -256,12 +256,17 @@ impl QueueStorage {
         }
     }
 
-    /// Hands `op` to storage; `tag` identifies it in `reap`. The buffers that
-    /// `op` names must stay valid until its completion is reaped.
-    pub fn submit(&mut self, tag: u64, op: IoOp<'_>) -> Submitted {
+    /// Hands `op` to storage; `tag` identifies it in `reap`.
+    ///
+    /// # Safety
+    /// The buffers `op` names (its iovs, and the iovec array itself) must
+    /// stay valid and in place until its completion is reaped: the kernel
+    /// reads or writes them after this returns.
+    pub unsafe fn submit(&mut self, tag: u64, op: IoOp<'_>) -> Submitted {
         match self {
             QueueStorage::Null => Submitted::Done(null_io(op)),
-            QueueStorage::Uring(u) => u.push(tag, op),
+            // SAFETY: forwarded from the caller.
+            QueueStorage::Uring(u) => unsafe { u.push(tag, op) },
         }
     }
 
@@ -327,12 +332,12 @@ fn null_io(op: IoOp<'_>) -> i64 {
                 // SAFETY: the parser mapped each iov inside guest memory, which
                 // the request's memory snapshot keeps mapped; the guest gave
                 // these buffers to the device to write.
-                unsafe { std::ptr::write_bytes(iov.base, 0, iov.len) };
-                n += iov.len as i64;
+                unsafe { std::ptr::write_bytes(iov.base(), 0, iov.len()) };
+                n += iov.len() as i64;
             }
             n
         }
-        IoOp::Write { iovs, .. } => iovs.iter().map(|i| i.len as i64).sum(),
+        IoOp::Write { iovs, .. } => iovs.iter().map(|i| i.len() as i64).sum(),
         IoOp::Flush | IoOp::Fallocate { .. } => 0,
     }
 }
@@ -371,13 +376,15 @@ impl UringQueue {
         })
     }
 
-    fn push(&mut self, tag: u64, op: IoOp<'_>) -> Submitted {
+    /// # Safety
+    /// As [`QueueStorage::submit`].
+    unsafe fn push(&mut self, tag: u64, op: IoOp<'_>) -> Submitted {
         let fd = types::Fixed(0);
         let entry = match op {
             IoOp::Read {
                 offset,
                 iovs: [one],
-            } => opcode::Read::new(fd, one.base, one.len as u32)
+            } => opcode::Read::new(fd, one.base(), one.len() as u32)
                 .offset(offset)
                 .build(),
             IoOp::Read { offset, iovs } => {
@@ -388,7 +395,7 @@ impl UringQueue {
             IoOp::Write {
                 offset,
                 iovs: [one],
-            } => opcode::Write::new(fd, one.base, one.len as u32)
+            } => opcode::Write::new(fd, one.base(), one.len() as u32)
                 .offset(offset)
                 .build(),
             IoOp::Write { offset, iovs } => {
@@ -490,10 +497,8 @@ mod tests {
         let iovs: Vec<[Iov; 1]> = bufs
             .iter_mut()
             .map(|b| {
-                [Iov {
-                    base: b.as_mut_ptr(),
-                    len: b.len(),
-                }]
+                // SAFETY: the buffers outlive every operation naming them.
+                [unsafe { Iov::new(b.as_mut_ptr(), b.len()) }]
             })
             .collect();
         for (i, iov) in iovs.iter().enumerate() {
@@ -501,7 +506,9 @@ mod tests {
                 offset: 512 * i as u64,
                 iovs: iov,
             };
-            assert_eq!(q.push(i as u64, op), Submitted::Queued);
+            // SAFETY: bufs and iovs live until the end of the test, after
+            // every completion is reaped.
+            assert_eq!(unsafe { q.push(i as u64, op) }, Submitted::Queued);
         }
         let mut storage = QueueStorage::Uring(Box::new(q));
         let mut seen = vec![0u32; 64];

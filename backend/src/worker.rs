@@ -719,10 +719,10 @@ impl QueueWorker {
                 let iovs: &[Iov] = if let Some(b) = req.bounce.as_mut() {
                     let done = slot.done as usize;
                     slot.tail.clear();
-                    slot.tail.push(Iov {
-                        // SAFETY: done < bounce length, so the pointer stays inside the buffer.
-                        base: unsafe { b.buf.as_mut_ptr().add(done) },
-                        len: b.buf.len() - done,
+                    // SAFETY: done < bounce length, so the range stays inside
+                    // the buffer, which the slot keeps until completion.
+                    slot.tail.push(unsafe {
+                        Iov::new(b.buf.as_mut_ptr().add(done), b.buf.len() - done)
                     });
                     &slot.tail
                 } else if slot.done == 0 {
@@ -737,9 +737,15 @@ impl QueueWorker {
                 } else {
                     IoOp::Write { offset, iovs }
                 };
-                self.storage.submit(idx as u64, op)
+                // SAFETY: the iovs point into guest memory the slot's memory
+                // snapshot keeps mapped, or into its bounce buffer; the
+                // iovec array is the request's or the slot's `tail`. The
+                // slot is not reused, nor these freed, before storage
+                // returns the tag (the worker's Drop waits for that too).
+                unsafe { self.storage.submit(idx as u64, op) }
             }
-            Op::Flush => self.storage.submit(idx as u64, IoOp::Flush),
+            // SAFETY: a flush names no buffer.
+            Op::Flush => unsafe { self.storage.submit(idx as u64, IoOp::Flush) },
             Op::Discard | Op::WriteZeroes { .. } => {
                 let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
@@ -750,14 +756,17 @@ impl QueueWorker {
                     Op::WriteZeroes { unmap } if unmap == slot.punch_fallback => zero,
                     _ => punch,
                 };
-                self.storage.submit(
-                    idx as u64,
-                    IoOp::Fallocate {
-                        offset: base + req.offset,
-                        len: req.len,
-                        mode,
-                    },
-                )
+                // SAFETY: fallocate names no buffer.
+                unsafe {
+                    self.storage.submit(
+                        idx as u64,
+                        IoOp::Fallocate {
+                            offset: base + req.offset,
+                            len: req.len,
+                            mode,
+                        },
+                    )
+                }
             }
         };
         if let Submitted::Done(res) = result {
@@ -875,7 +884,8 @@ impl QueueWorker {
         {
             // Write-through: make it durable before the guest hears of it.
             self.slots[idx].syncing = true;
-            if let Submitted::Done(res) = self.storage.submit(idx as u64, IoOp::Flush) {
+            // SAFETY: a flush names no buffer.
+            if let Submitted::Done(res) = unsafe { self.storage.submit(idx as u64, IoOp::Flush) } {
                 self.on_result(idx, res, queue, mem);
             }
             return;
@@ -918,10 +928,10 @@ fn write_id(iovs: &[Iov], serial: &[u8; ID_BYTES]) -> usize {
     let mut src = &serial[..];
     let mut n = 0;
     for iov in iovs {
-        let k = iov.len.min(src.len());
+        let k = iov.len().min(src.len());
         // SAFETY: the iov lies in guest memory that the request keeps mapped,
-        // and is a device-writable buffer of at least `iov.len` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), iov.base, k) };
+        // and is a device-writable buffer of at least `iov.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), iov.base(), k) };
         n += k;
         src = &src[k..];
         if src.is_empty() {
@@ -935,15 +945,11 @@ fn write_id(iovs: &[Iov], serial: &[u8; ID_BYTES]) -> usize {
 fn advance(iovs: &[Iov], mut skip: u64, out: &mut Vec<Iov>) {
     out.clear();
     for iov in iovs {
-        if skip >= iov.len as u64 {
-            skip -= iov.len as u64;
+        if skip >= iov.len() as u64 {
+            skip -= iov.len() as u64;
             continue;
         }
-        out.push(Iov {
-            // SAFETY: skip < iov.len, so the pointer stays inside the buffer.
-            base: unsafe { iov.base.add(skip as usize) },
-            len: iov.len - skip as usize,
-        });
+        out.push(iov.skip(skip as usize));
         skip = 0;
     }
 }
@@ -956,21 +962,13 @@ mod tests {
     fn advance_skips_whole_and_partial_segments() {
         let mut a = [0u8; 8];
         let mut b = [0u8; 8];
-        let iovs = [
-            Iov {
-                base: a.as_mut_ptr(),
-                len: 8,
-            },
-            Iov {
-                base: b.as_mut_ptr(),
-                len: 8,
-            },
-        ];
+        // SAFETY: a and b outlive the iovs.
+        let iovs = unsafe { [Iov::new(a.as_mut_ptr(), 8), Iov::new(b.as_mut_ptr(), 8)] };
         let mut out = Vec::new();
         advance(&iovs, 11, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].len, 5);
-        assert_eq!(out[0].base, b.as_mut_ptr().wrapping_add(3));
+        assert_eq!(out[0].len(), 5);
+        assert_eq!(out[0].base(), b.as_mut_ptr().wrapping_add(3));
         advance(&iovs, 0, &mut out);
         assert_eq!(out.len(), 2);
     }

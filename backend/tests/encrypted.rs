@@ -526,10 +526,8 @@ fn rekey_waits_its_turn_for_the_header() {
     fl.l_start = 100;
     fl.l_len = 1;
     // SAFETY: an open fd and a flock we own.
-    assert_eq!(
-        unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_OFD_SETLK, &fl) },
-        0
-    );
+    let r = unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    assert_eq!(r, 0);
     let out = vmcrypt(&["rekey", img, "--keystore", keys]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

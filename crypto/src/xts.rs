@@ -175,8 +175,8 @@ impl Xts {
     ) -> Result<(), XtsError> {
         match &mut self.engine {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: forwarded from the caller.
             Engine::Vaes(v) => {
+                // SAFETY: forwarded from the caller.
                 unsafe { v.get().run(encrypt, first, n, src, dst) };
                 Ok(())
             }

@@ -154,18 +154,17 @@ impl Cursor<'_> {
     /// start and count, or None if the next sector straddles buffers.
     fn contiguous(&self, max: usize) -> Option<(*mut u8, usize)> {
         let iov = self.iovs.get(self.i)?;
-        let n = ((iov.len - self.off) / SECTOR).min(max);
-        // SAFETY: off < iov.len, so the pointer stays inside the buffer.
-        (n > 0).then(|| (unsafe { iov.base.add(self.off) }, n))
+        let n = ((iov.len() - self.off) / SECTOR).min(max);
+        (n > 0).then(|| (iov.skip(self.off).base(), n))
     }
 
     fn advance(&mut self, mut n: usize) {
         while n > 0 {
-            let left = self.iovs[self.i].len - self.off;
+            let left = self.iovs[self.i].len() - self.off;
             let k = left.min(n);
             self.off += k;
             n -= k;
-            if self.off == self.iovs[self.i].len {
+            if self.off == self.iovs[self.i].len() {
                 self.i += 1;
                 self.off = 0;
             }
@@ -178,11 +177,11 @@ impl Cursor<'_> {
         let mut done = 0;
         while done < SECTOR {
             let iov = self.iovs[self.i];
-            let k = (iov.len - self.off).min(SECTOR - done);
+            let k = (iov.len() - self.off).min(SECTOR - done);
             // SAFETY: [off, off + k) lies inside this guest buffer, which the
             // request keeps mapped; tmp has room for k bytes at `done`.
             unsafe {
-                let p = iov.base.add(self.off);
+                let p = iov.base().add(self.off);
                 if back {
                     std::ptr::copy_nonoverlapping(tmp.as_ptr().add(done), p, k);
                 } else {
@@ -268,10 +267,8 @@ mod tests {
         let mut v = Vec::new();
         let mut start = 0;
         for &end in cuts.iter().chain(std::iter::once(&buf.len())) {
-            v.push(Iov {
-                base: buf[start..].as_mut_ptr(),
-                len: end - start,
-            });
+            // SAFETY: the test's buffer outlives the iovs.
+            v.push(unsafe { Iov::new(buf[start..].as_mut_ptr(), end - start) });
             start = end;
         }
         v

@@ -234,10 +234,8 @@ mod tests {
             op: Op::Write,
             offset: 0,
             len: 4096,
-            iovs: vec![Iov {
-                base: data.as_mut_ptr(),
-                len: 4096,
-            }],
+            // SAFETY: data outlives the request.
+            iovs: vec![unsafe { Iov::new(data.as_mut_ptr(), 4096) }],
             ..Default::default()
         };
         let now = Instant::now();
