@@ -7,17 +7,16 @@
 //! key costs one TLS connection and two requests (Get Attributes for its
 //! State and Name, then Get).
 //!
-//! Built on the `kmip-protocol` crate's synchronous rustls client (its async
-//! futures are not `Send`). Its limits shape this module: host names only
-//! (rustls 0.19 rejects IP addresses as server names), Get Attributes with
-//! explicit names, no key wrapping on Get.
+//! Built on the `kmip-protocol` crate's synchronous client (its async
+//! futures are not `Send`) over our own rustls 0.23 connection (`tls`).
+//! Its limits shape this module: Get Attributes with explicit names, no key
+//! wrapping on Get.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kmip_protocol::client::{Client, ClientCertificate, ConnectionSettings, Error as KmipError};
 use kmip_protocol::types::common::{
     AttributeName, AttributeValue, CryptographicAlgorithm, CryptographicLength, KeyFormatType,
     KeyMaterial, ObjectType, RevocationReasonCode, State, UniqueIdentifier,
@@ -30,6 +29,8 @@ use kmip_protocol::types::response::{self as resp, ResponsePayload};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use crate::tls::{ConnectError, TlsClient};
+use crate::wire::{Wire, WireError};
 use crate::{Kek, KeyProvider, KeyState, KmsError, KEK_LEN};
 
 /// Encrypt | Decrypt | Wrap Key | Unwrap Key.
@@ -97,16 +98,10 @@ impl KmipConfig {
     }
 }
 
-/// Credentials read once from the configured files.
-struct Credentials {
-    ca: Vec<u8>,
-    cert: Vec<u8>,
-    key: Zeroizing<Vec<u8>>,
-}
-
 pub struct KmipProvider {
     cfg: KmipConfig,
-    creds: Credentials,
+    /// Mutual TLS set up once from the configured files.
+    tls: TlsClient,
     /// How long to keep retrying when no server answers.
     deadline: Duration,
 }
@@ -116,30 +111,6 @@ pub struct KmipProvider {
 pub struct ServerCheck {
     pub server: String,
     pub result: Result<String, String>,
-}
-
-/// Whether an error means "try the next server" rather than a definite answer.
-fn is_connection_error(e: &KmipError) -> bool {
-    // A TLS alert is the server's definite answer (e.g. our certificate
-    // is not accepted): asking again will not change it.
-    if e.to_string().contains("fatal alert") {
-        return false;
-    }
-    match e {
-        KmipError::RequestWriteError(_) | KmipError::ResponseReadError(_) => true,
-        KmipError::ServerError(m) => m.starts_with("I/O error"),
-        _ => false,
-    }
-}
-
-fn describe(e: &KmipError) -> String {
-    let text = e.to_string();
-    let lower = text.to_lowercase();
-    if lower.contains("alert") || lower.contains("certificate") || lower.contains("handshake") {
-        format!("TLS handshake failed (certificate not accepted?): {text}")
-    } else {
-        text
-    }
 }
 
 fn state_of(s: &State) -> KeyState {
@@ -162,22 +133,8 @@ impl KmipProvider {
                 "SSLKEYLOGFILE is set: it would write TLS session secrets to disk; unset it".into(),
             ));
         }
-        let read = |p: &Path| {
-            std::fs::read(p).map_err(|e| KmsError::Config {
-                path: p.display().to_string(),
-                reason: e.to_string(),
-            })
-        };
-        let creds = Credentials {
-            ca: read(&cfg.ca)?,
-            cert: read(&cfg.client_cert)?,
-            key: Zeroizing::new(read(&cfg.client_key)?),
-        };
-        Ok(KmipProvider {
-            cfg,
-            creds,
-            deadline,
-        })
+        let tls = TlsClient::from_files(&cfg.ca, &cfg.client_cert, &cfg.client_key)?;
+        Ok(KmipProvider { cfg, tls, deadline })
     }
 
     pub fn from_file(path: &Path, deadline: Duration) -> Result<Self, KmsError> {
@@ -188,61 +145,47 @@ impl KmipProvider {
         &self.cfg.servers
     }
 
-    fn settings(&self, server: &str) -> ConnectionSettings {
-        let (host, port) = server.rsplit_once(':').expect("checked in load");
-        let timeout = Some(Duration::from_millis(self.cfg.timeout_ms));
-        ConnectionSettings {
-            host: self
-                .cfg
-                .server_name
-                .clone()
-                .unwrap_or_else(|| host.to_string()),
-            port: port.parse().expect("checked in load"),
-            username: None,
-            password: None,
-            insecure: false,
-            client_cert: Some(ClientCertificate::SeparatePem {
-                cert_bytes: self.creds.cert.clone(),
-                key_bytes: Some(self.creds.key.to_vec()),
-            }),
-            server_cert: None,
-            ca_cert: Some(self.creds.ca.clone()),
-            connect_timeout: timeout,
-            read_timeout: timeout,
-            write_timeout: timeout,
-            max_response_bytes: Some(1 << 20),
-        }
-    }
-
     /// Connects to `server` and runs `f` on the connection.
     fn on_server<T>(
         &self,
         server: &str,
         f: &dyn Fn(&dyn Kmip) -> Result<T, KmsError>,
     ) -> Result<T, KmipAttempt> {
-        let settings = self.settings(server);
         let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        let (host, _) = server.rsplit_once(':').expect("checked in load");
+        let name = self.cfg.server_name.as_deref().unwrap_or(host);
         let addrs: Vec<_> = server
             .to_socket_addrs()
             .map_err(|e| KmipAttempt::Retry(format!("{server}: {e}")))?
             .collect();
-        let client = kmip_protocol::client::tls::rustls::connect_with_tcpstream_factory(
-            &settings,
-            |_, _| {
-                let mut last = None;
-                for a in &addrs {
-                    match TcpStream::connect_timeout(a, timeout) {
-                        Ok(s) => return Ok(s),
-                        Err(e) => last = Some(e),
-                    }
+        let mut last = None;
+        let tcp = addrs
+            .iter()
+            .find_map(|a| match TcpStream::connect_timeout(a, timeout) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    last = Some(e);
+                    None
                 }
-                Err(KmipError::ServerError(format!(
-                    "I/O error: {}",
+            })
+            .ok_or_else(|| {
+                KmipAttempt::Retry(format!(
+                    "{server}: I/O error: {}",
                     last.map_or("no address".to_string(), |e| e.to_string())
-                )))
-            },
-        )
-        .map_err(|e| KmipAttempt::from(kmip_error(server, &e)))?;
+                ))
+            })?;
+        let io = |e: std::io::Error| KmipAttempt::Retry(format!("{server}: {e}"));
+        tcp.set_read_timeout(Some(timeout)).map_err(io)?;
+        tcp.set_write_timeout(Some(timeout)).map_err(io)?;
+        tcp.set_nodelay(true).map_err(io)?;
+        let tls = self.tls.connect(tcp, name).map_err(|e| match e {
+            ConnectError::Retry(m) => KmipAttempt::Retry(format!("{server}: {m}")),
+            ConnectError::Refused(m) => KmipAttempt::Final(KmsError::Server {
+                server: server.into(),
+                message: m,
+            }),
+        })?;
+        let client = Wire::new(tls);
         let conn = Conn {
             client: &client,
             server,
@@ -339,18 +282,17 @@ impl From<KmsError> for KmipAttempt {
     }
 }
 
-/// What a KMIP client error means, coming from `server`.
-fn kmip_error(server: &str, e: &KmipError) -> KmsError {
-    if is_connection_error(e) {
-        KmsError::Unreachable {
+/// What a failed exchange with `server` means.
+fn kmip_error(server: &str, e: &WireError) -> KmsError {
+    match e {
+        WireError::Connection(_) => KmsError::Unreachable {
             servers: server.into(),
-            last_error: format!("{server}: {}", describe(e)),
-        }
-    } else {
-        KmsError::Server {
+            last_error: format!("{server}: {e}"),
+        },
+        WireError::NotFound(_) | WireError::Server(_) => KmsError::Server {
             server: server.into(),
-            message: describe(e),
-        }
+            message: e.to_string(),
+        },
     }
 }
 
@@ -368,16 +310,16 @@ trait Kmip {
 }
 
 struct Conn<'a, T> {
-    client: &'a Client<T>,
+    client: &'a Wire<T>,
     server: &'a str,
 }
 
 impl<T: Read + Write> Conn<'_, T> {
     fn request(&self, payload: RequestPayload) -> Result<ResponsePayload, KmsError> {
-        self.client.do_request(payload).map_err(|e| self.err(&e))
+        self.client.request(payload).map_err(|e| self.err(&e))
     }
 
-    fn err(&self, e: &KmipError) -> KmsError {
+    fn err(&self, e: &WireError) -> KmsError {
         kmip_error(self.server, e)
     }
 
@@ -436,13 +378,13 @@ impl<T: Read + Write> Kmip for Conn<'_, T> {
 
     fn attributes(&self, id: &str) -> Result<(KeyState, Vec<String>), KmsError> {
         let names = vec![AttributeName("State".into()), AttributeName("Name".into())];
-        let r = match self.client.do_request(RequestPayload::GetAttributes(
+        let r = match self.client.request(RequestPayload::GetAttributes(
             Some(UniqueIdentifier(id.into())),
             Some(names),
         )) {
             Ok(ResponsePayload::GetAttributes(r)) => r,
             Ok(_) => return Err(self.unexpected("Get Attributes")),
-            Err(KmipError::ItemNotFound(_)) => {
+            Err(WireError::NotFound(_)) => {
                 return Err(KmsError::NotFound {
                     provider: format!("KMS {}", self.server),
                     id: id.into(),

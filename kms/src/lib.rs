@@ -10,6 +10,8 @@
 
 pub mod kmip;
 pub mod local;
+pub mod tls;
+mod wire;
 
 use std::fmt;
 

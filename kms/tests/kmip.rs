@@ -120,18 +120,28 @@ fn a_down_kms_gives_a_clear_error_within_the_deadline() {
 }
 
 #[test]
-fn servers_by_ip_address_with_a_server_name_override() {
+fn servers_by_ip_address_are_verified_against_ip_sans() {
     let t = tempfile::tempdir().unwrap();
     let s = KmsServer::start(t.path());
+    // The server certificate carries IP:127.0.0.1: an address works as is.
     let conf = kms_config(t.path(), &[format!("127.0.0.1:{}", s.port)], "client");
-    // Without the override the IP address is the name to verify, which the
-    // TLS library refuses: a configuration error, at once.
-    let p = KmipProvider::from_file(&conf, Duration::from_secs(2)).unwrap();
-    assert!(p.create_kek("x").is_err());
-    let mut text = std::fs::read_to_string(&conf).unwrap();
-    text.push_str("server_name = \"localhost\"\n");
-    std::fs::write(&conf, text).unwrap();
     let p = KmipProvider::from_file(&conf, Duration::from_secs(5)).unwrap();
     let (id, kek) = p.create_kek("vmcrypt:by-ip").unwrap();
     assert_eq!(p.get_kek(&id, None).unwrap().as_bytes(), kek.as_bytes());
+    // A name the certificate does not carry is refused at once, not retried.
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("server_name = \"kms.elsewhere.example\"\n");
+    std::fs::write(&conf, text).unwrap();
+    let p = KmipProvider::from_file(&conf, Duration::from_secs(30)).unwrap();
+    let start = Instant::now();
+    let err = p.get_kek(&id, None).unwrap_err().to_string();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        err.contains("TLS handshake failed") && err.contains("not valid for name"),
+        "{err}"
+    );
 }
