@@ -197,7 +197,10 @@ impl Header {
         let hash = Hash::from_spec(&hash_spec).ok_or_else(|| unsupported("hash", &hash_spec))?;
         let key_bytes = be32(buf, 108);
         if key_bytes as usize != MASTER_KEY_LEN {
-            return Err(unsupported("key size", &format!("{} bits", key_bytes * 8)));
+            return Err(unsupported(
+                "key size",
+                &format!("{} bits", u64::from(key_bytes) * 8),
+            ));
         }
         let mut slots: [KeySlot; NUM_SLOTS] = std::array::from_fn(|_| KeySlot {
             active: false,

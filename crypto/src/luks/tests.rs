@@ -89,6 +89,10 @@ fn bad_headers_get_clear_errors() {
     let mut k128 = good.clone();
     k128[108..112].copy_from_slice(&32u32.to_be_bytes());
     check(&k128, "256 bits");
+    // Found by fuzzing: a key size whose bit count overflows u32.
+    let mut huge = good.clone();
+    huge[108..112].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    check(&huge, "34359738360 bits");
     let mut slot = good.clone();
     slot[208..212].copy_from_slice(&0x1234u32.to_be_bytes());
     check(&slot, "key slot 0 state");
