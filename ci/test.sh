@@ -19,6 +19,9 @@ cargo test --workspace
 echo "== QEMU's own vhost-user-blk tests (qos-test), vmcrypt and qemu-storage-daemon"
 bash ci/qtest.sh "$PWD/target/debug/vmcrypt"
 
+echo "== fuzzing, bounded (request parser, LUKS1 header, settings)"
+bash ci/fuzz.sh 30
+
 echo "== benchmark smoke run (checks the tool, not the speed)"
 cargo build --release -p vmcrypt -p vmcrypt-bench
 target/release/vmcrypt-bench --quick --out target/bench-quick > /dev/null
