@@ -39,6 +39,15 @@ fn invalid(option: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// How the image uses the host's page cache.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    #[default]
+    Writeback,
+    None,
+}
+
 /// The options of `vmcrypt serve`, as given on the command line or in the
 /// config file (same names, in kebab-case, in the file).
 #[derive(clap::Args, Debug, Default, Deserialize)]
@@ -69,6 +78,12 @@ pub struct ServeOptions {
     /// Largest virtqueue size accepted [default: 1024].
     #[arg(long, value_name = "N")]
     pub queue_size: Option<u16>,
+
+    /// Host page cache use, QEMU's names: `writeback` (the host caches the
+    /// image; FLUSH makes writes durable) or `none` (O_DIRECT: no host copy,
+    /// for production and shared storage) [default: writeback].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub cache: Option<CacheMode>,
 
     /// Serve the disk read-only: the guest sees a read-only disk and writes fail.
     #[arg(long)]
@@ -183,6 +198,7 @@ impl ServeOptions {
             socket_group: self.socket_group.or(file.socket_group),
             log_level: self.log_level.or(file.log_level),
             format: self.format.or(file.format),
+            cache: self.cache.or(file.cache),
             keystore: self
                 .keystore
                 .or_else(|| file.keystore.map(|p| relative_to(&path, p))),
@@ -228,6 +244,7 @@ pub enum ImageSpec {
 pub struct ServeConfig {
     pub image: ImageSpec,
     pub format: Option<crate::keys::ImageFormat>,
+    pub cache: CacheMode,
     pub socket: SocketSpec,
     pub num_queues: u16,
     pub queue_size: u16,
@@ -328,6 +345,7 @@ impl TryFrom<ServeOptions> for ServeConfig {
         Ok(ServeConfig {
             image,
             format: o.format,
+            cache: o.cache.unwrap_or(CacheMode::Writeback),
             socket,
             num_queues,
             queue_size,

@@ -121,7 +121,7 @@ mod tests {
     /// The image at `path`, opened once more (as by a second daemon).
     fn open_image(path: &std::path::Path) -> Arc<Image> {
         let f = crate::storage::open(path, false).unwrap();
-        Arc::new(Image::from_file(f, path, 0, 512).unwrap())
+        Arc::new(Image::from_file(f, path, 0, 512, None).unwrap())
     }
 
     #[test]

@@ -33,6 +33,7 @@ macro_rules! warn_limited {
 pub mod commands;
 pub mod config;
 pub mod device;
+pub mod direct;
 pub mod dirty;
 pub mod filter;
 pub mod handover;

@@ -7,6 +7,7 @@
 //! guest addresses, directions, segment count and size, sector alignment,
 //! and the range against the disk's capacity.
 
+use crate::direct::AlignedBuf;
 use std::time::Instant;
 
 use virtio_bindings::virtio_blk::{
@@ -104,13 +105,14 @@ unsafe impl Send for Iov {}
 /// the result into guest memory).
 #[derive(Debug, Default)]
 pub struct Bounce {
-    pub buf: Vec<u8>,
+    /// Aligned for direct I/O (`--cache none`).
+    pub buf: AlignedBuf,
     /// The operation the filter turned into this write, restored on completion.
     pub replaces: Option<Op>,
 }
 
 impl Bounce {
-    pub fn new(buf: Vec<u8>) -> Self {
+    pub fn new(buf: AlignedBuf) -> Self {
         Bounce {
             buf,
             replaces: None,

@@ -9,8 +9,9 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 
-use crate::config::{ImageSpec, ServeConfig};
+use crate::config::{CacheMode, ImageSpec, ServeConfig};
 use crate::device::{BlockDevice, DeviceSettings};
+use crate::direct::{self, DirectError, DirectIo};
 use crate::filter::{self, Encrypt, Filter};
 use crate::handover::Handover;
 use crate::keys::{self, ImageFormat, KeyError};
@@ -31,6 +32,8 @@ pub enum ServeError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Listen(#[from] ListenError),
+    #[error(transparent)]
+    Direct(#[from] DirectError),
     #[error("vhost-user: {0}")]
     VhostUser(String),
     #[error("signal handling: {0}")]
@@ -95,13 +98,39 @@ fn open_and_serve(cfg: ServeConfig, listening: Listening) -> Result<(), ServeErr
                         .push(Arc::new(Encrypt::new(key).map_err(|e| {
                             ServeError::Key(KeyError::Other(e.to_string()))
                         })?));
-                    Image::from_file(file, path, header.payload_bytes(), cfg.block_size)?
+                    let direct = open_direct(&cfg, path, header.payload_bytes())?;
+                    Image::from_file(file, path, header.payload_bytes(), cfg.block_size, direct)?
                 }
-                ImageFormat::Raw => Image::from_file(file, path, 0, cfg.block_size)?,
+                ImageFormat::Raw => {
+                    let direct = open_direct(&cfg, path, 0)?;
+                    // Guest buffers direct I/O cannot take are bounced.
+                    if let Some(d) = &direct {
+                        filters.push(Arc::new(filter::Align::new(d.align)));
+                    }
+                    Image::from_file(file, path, 0, cfg.block_size, direct)?
+                }
             }
         }
     };
     serve_image(cfg, listening, Arc::new(image), filters)
+}
+
+/// With `--cache none`, the image's O_DIRECT descriptor for the data path.
+fn open_direct(
+    cfg: &ServeConfig,
+    path: &std::path::Path,
+    data_offset: u64,
+) -> Result<Option<DirectIo>, ServeError> {
+    if cfg.cache != CacheMode::None {
+        return Ok(None);
+    }
+    let d = direct::open(path, cfg.read_only, cfg.block_size, data_offset)?;
+    tracing::info!(
+        mem_align = d.align.mem,
+        offset_align = d.align.offset,
+        "cache none: direct I/O"
+    );
+    Ok(Some(d))
 }
 
 /// Serves an opened image through `filters` on `listening`.

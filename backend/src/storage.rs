@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 
+use crate::direct::{DioAlign, DirectIo};
 use crate::request::Iov;
 use crate::sys::EventFd;
 
@@ -49,6 +50,8 @@ pub enum Image {
         path: PathBuf,
         data_offset: u64,
         capacity: u64,
+        /// `--cache none`: the descriptor the queues' io_uring uses.
+        direct: Option<DirectIo>,
     },
 }
 
@@ -59,6 +62,7 @@ impl Image {
         path: &Path,
         data_offset: u64,
         block_size: u32,
+        direct: Option<DirectIo>,
     ) -> Result<Self, StorageError> {
         let size = file_size(&file, path)?.saturating_sub(data_offset);
         if size == 0 {
@@ -76,7 +80,18 @@ impl Image {
             path: path.into(),
             data_offset,
             capacity: size,
+            direct,
         })
+    }
+
+    /// The alignment direct I/O needs, with `--cache none`.
+    pub fn dio_align(&self) -> Option<DioAlign> {
+        match self {
+            Image::File {
+                direct: Some(d), ..
+            } => Some(d.align),
+            _ => None,
+        }
     }
 
     pub fn capacity(&self) -> u64 {
@@ -250,7 +265,8 @@ impl QueueStorage {
     pub fn new(image: &Arc<Image>, depth: u32) -> Result<Self, StorageError> {
         match &**image {
             Image::Null { .. } => Ok(QueueStorage::Null),
-            Image::File { file, .. } => {
+            Image::File { file, direct, .. } => {
+                let file = direct.as_ref().map_or(file, |d| &d.file);
                 Ok(QueueStorage::Uring(Box::new(UringQueue::new(file, depth)?)))
             }
         }

@@ -54,6 +54,11 @@ struct Args {
     /// cost of waking the client.
     #[arg(long)]
     client_poll: bool,
+    /// Host page cache for the raw and encrypted images, both servers:
+    /// `writeback`, or `none` (O_DIRECT: vmcrypt `--cache none`, QSD
+    /// `cache.direct=on,aio=io_uring`).
+    #[arg(long, default_value = "writeback", value_parser = ["writeback", "none"])]
+    cache: String,
     /// The vmcrypt binary [default: the one built beside this benchmark].
     #[arg(long)]
     vmcrypt: Option<PathBuf>,
@@ -318,8 +323,9 @@ fn main() {
     let mut done = 0;
     for (target, a, b) in &pairs {
         let max_q = *args.queues.iter().max().unwrap_or(&1);
-        let sa = Server::start(a, &vmcrypt, &dir, max_q).unwrap_or_else(|e| panic!("{e}"));
-        let sb = Server::start(b, &vmcrypt, &dir, max_q).unwrap_or_else(|e| panic!("{e}"));
+        let direct = args.cache == "none";
+        let sa = Server::start(a, &vmcrypt, &dir, max_q, direct).unwrap_or_else(|e| panic!("{e}"));
+        let sb = Server::start(b, &vmcrypt, &dir, max_q, direct).unwrap_or_else(|e| panic!("{e}"));
         for w in WORKLOADS.iter().filter(|w| {
             args.only
                 .as_ref()
@@ -387,6 +393,7 @@ fn main() {
     };
 
     let mut md = String::new();
+    md.push_str(&format!("cache: {}\n\n", args.cache));
     md.push_str("| target | workload | queues | server | IOPS | MB/s | mean µs | p50 µs | p99 µs | server CPU µs/IO |\n");
     md.push_str("|---|---|---|---|---:|---:|---:|---:|---:|---:|\n");
     for c in &cells {

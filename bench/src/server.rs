@@ -45,7 +45,13 @@ impl Server {
         vmcrypt: &Path,
         dir: &Path,
         queues: u32,
+        direct: bool,
     ) -> Result<Server, String> {
+        let qsd_cache = if direct {
+            "cache.direct=on,aio=io_uring"
+        } else {
+            "cache.direct=off"
+        };
         let socket = dir.join(format!("{}.sock", spec.label.replace(['/', ' '], "-")));
         let _ = std::fs::remove_file(&socket);
         let mut cmd = match spec.kind {
@@ -53,6 +59,9 @@ impl Server {
                 let mut c = Command::new(vmcrypt);
                 c.arg("serve").arg("--socket").arg(&socket);
                 c.args(["--num-queues", &queues.to_string()]);
+                if direct && !matches!(spec.target, Target::Null { .. }) {
+                    c.args(["--cache", "none"]);
+                }
                 match std::env::var("BENCH_VMCRYPT_ARGS") {
                     Ok(extra) => c.args(extra.split_whitespace()),
                     Err(_) => c.args(["--log-level", "warn"]),
@@ -78,7 +87,7 @@ impl Server {
                     }
                     Target::Raw { image } => {
                         c.arg("--blockdev").arg(format!(
-                            "driver=file,node-name=f0,filename={},cache.direct=off",
+                            "driver=file,node-name=f0,filename={},{qsd_cache}",
                             image.display()
                         ));
                         c.arg("--blockdev").arg("driver=raw,node-name=d0,file=f0");
@@ -87,7 +96,7 @@ impl Server {
                         c.arg("--object")
                             .arg(format!("secret,id=s0,file={}", passphrase.display()));
                         c.arg("--blockdev").arg(format!(
-                            "driver=file,node-name=f0,filename={},cache.direct=off",
+                            "driver=file,node-name=f0,filename={},{qsd_cache}",
                             image.display()
                         ));
                         c.arg("--blockdev")

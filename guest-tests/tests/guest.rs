@@ -126,6 +126,22 @@ fn encrypted_disk_boots_and_fio_verify_passes() {
     assert!(d.stop().success());
 }
 
+/// `--cache none` (O_DIRECT, QEMU's cache=none) on an encrypted disk.
+#[test]
+fn encrypted_disk_with_cache_none_passes_fio_verify() {
+    let (image, accel, _lock) = setup();
+    let work = tempfile::tempdir().unwrap();
+    let (_img, d) = start_encrypted(work.path(), "256M", &["--cache", "none"]);
+    let mut vm = Vm::new(&image, accel);
+    vm.disks.push(Disk::new(&d.socket));
+    let run = vm
+        .run(FIO_VERIFY, work.path())
+        .unwrap_or_else(|e| panic!("{e}\nvmcrypt log:\n{}", d.log_text()));
+    expect_fio_verify(&run, &d);
+    assert!(d.log_text().contains("direct I/O"));
+    assert!(d.stop().success());
+}
+
 fn start_encrypted(work: &Path, size: &str, extra: &[&str]) -> (std::path::PathBuf, Vmcrypt) {
     let img = encrypted_image(work, "disk.img", size);
     let mut args = vec!["--image", img.to_str().unwrap(), "--num-queues", "2"];

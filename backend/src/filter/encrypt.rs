@@ -24,6 +24,7 @@ use std::time::Instant;
 use vmcrypt_crypto::{MasterKey, Xts, XtsError, SECTOR};
 
 use super::{Filter, QueueFilter, Verdict};
+use crate::direct::AlignedBuf;
 use crate::request::{Bounce, Iov, Op, Request, Status};
 
 pub struct Encrypt {
@@ -54,7 +55,7 @@ impl Filter for Encrypt {
 struct EncryptQueue {
     xts: Xts,
     /// Bounce buffers returned by completed requests, for reuse.
-    pool: Vec<Vec<u8>>,
+    pool: Vec<AlignedBuf>,
     /// Bytes of bounce buffers held by requests in flight.
     outstanding: usize,
 }
@@ -69,9 +70,9 @@ const POOL_KEEP_MAX: usize = 1 << 20;
 const POOL_LEN_MAX: usize = 64;
 
 impl EncryptQueue {
-    fn bounce(&mut self, len: usize) -> Vec<u8> {
+    fn bounce(&mut self, len: usize) -> AlignedBuf {
         let mut b = self.pool.pop().unwrap_or_default();
-        b.resize(len, 0);
+        b.resize(len);
         b
     }
 }

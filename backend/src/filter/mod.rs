@@ -12,6 +12,7 @@
 //! ask for it to be retried later. On the way up ([`QueueFilter::complete`])
 //! it sees the status and may transform read data in place in guest buffers.
 
+mod align;
 mod encrypt;
 mod stats;
 mod throttle;
@@ -20,6 +21,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use align::Align;
 pub use encrypt::Encrypt;
 pub use stats::Stats;
 pub use throttle::Throttle;
@@ -251,6 +253,6 @@ mod tests {
             .bounce
             .as_ref()
             .expect("the write was encrypted into a bounce buffer");
-        assert_ne!(bounce.buf, vec![0x42u8; 4096]);
+        assert_ne!(&bounce.buf[..], &[0x42u8; 4096][..]);
     }
 }
