@@ -25,4 +25,6 @@ bash ci/fuzz.sh 30
 echo "== benchmark smoke run (checks the tool, not the speed)"
 cargo build --release -p vmcrypt -p vmcrypt-bench
 target/release/vmcrypt-bench --quick --out target/bench-quick > /dev/null
+target/release/vmcrypt-bench --quick --cache none --targets raw,luks --no-xts \
+  --out target/bench-quick-none > /dev/null
 echo "benchmark smoke run: ok"
