@@ -643,3 +643,145 @@ fn zero_length_reads_and_writes_succeed_quietly() {
     }
     assert!(!d.log_text().contains("I/O error"), "{}", d.log_text());
 }
+
+/// After a hostile frontend, the daemon is alive and serves the next one.
+fn serves_a_good_frontend(d: &Daemon, seed: u64) {
+    let mem = Memory::new();
+    let mut dev = Device::connect(&d.socket, 0);
+    dev.start(&mem, 0);
+    mem.write(0x20000, &pattern(seed, 4096));
+    mem.request(0, T_OUT, 40, 0x20000, 4096);
+    mem.publish(0);
+    dev.kick();
+    mem.wait_used(
+        1,
+        "a write from a well-behaved frontend after a hostile one",
+        d,
+    );
+    mem.request(3, T_IN, 40, 0x30000, 4096);
+    mem.publish(3);
+    dev.kick();
+    mem.wait_used(
+        2,
+        "a read from a well-behaved frontend after a hostile one",
+        d,
+    );
+    assert!(
+        mem.read(0x30000, 4096) == pattern(seed, 4096),
+        "the data read back differs"
+    );
+}
+
+/// Messages QEMU never sends: queue sizes that are not a power of two or
+/// over the limit, ring addresses outside the memory table, overlapping
+/// memory regions. Each is refused (the crate ends the connection), and the
+/// next frontend is served.
+#[test]
+fn a_hostile_frontend_is_refused_and_the_next_one_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 60);
+    let d = Daemon::start(
+        dir.path(),
+        "vmcrypt",
+        &["--image", img.to_str().unwrap(), "--queue-size", "256"],
+    );
+    let mem = Memory::new();
+
+    // Queue sizes: over the limit, not a power of two, zero.
+    for num in [512u16, 15, 0] {
+        let mut dev = Device::connect(&d.socket, 0);
+        let _ = dev.fe.set_vring_num(0, num);
+        let _ = dev.fe.set_vring_enable(0, true);
+        drop(dev);
+        serves_a_good_frontend(&d, u64::from(num));
+    }
+
+    // Ring addresses outside the memory table.
+    {
+        let mut dev = Device::connect(&d.socket, 0);
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: mem.ptr as u64,
+            mmap_offset: 0,
+            mmap_handle: mem.file.as_raw_fd(),
+        };
+        dev.fe.set_mem_table(&[region]).unwrap();
+        dev.fe.set_vring_num(0, QUEUE_SIZE).unwrap();
+        let far = mem.ptr as u64 + 64 * MEM_SIZE as u64;
+        let _ = dev.fe.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: far,
+                used_ring_addr: far + 0x1000,
+                avail_ring_addr: far + 0x2000,
+                log_addr: None,
+            },
+        );
+        let _ = dev.fe.set_vring_kick(0, &dev.kick);
+        let _ = dev.fe.set_vring_enable(0, true);
+        dev.kick();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(dev);
+        serves_a_good_frontend(&d, 61);
+    }
+
+    // Two regions that overlap in guest-physical space.
+    {
+        let dev = Device::connect(&d.socket, 0);
+        let region = |gpa: u64| VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: mem.ptr as u64,
+            mmap_offset: 0,
+            mmap_handle: mem.file.as_raw_fd(),
+        };
+        let _ = dev.fe.set_mem_table(&[region(0), region(0x1000)]);
+        drop(dev);
+        serves_a_good_frontend(&d, 62);
+    }
+    assert!(d.child_alive(), "{}", d.log_text());
+}
+
+/// What a guest (through a frontend) may do to a ring: a descriptor that
+/// loops back to itself, and kicks on a queue that is not enabled. The loop
+/// is refused without hanging the queue; the disabled queue takes nothing
+/// until it is enabled.
+#[test]
+fn loops_and_kicks_on_a_disabled_queue_are_harmless() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 70);
+    let d = Daemon::start(dir.path(), "vmcrypt", &["--image", img.to_str().unwrap()]);
+    let mem = Memory::new();
+    let mut dev = Device::connect(&d.socket, 0);
+    dev.start(&mem, 0);
+    // Head 0 -> 1 -> 0 -> ...: no status descriptor is ever reached.
+    mem.request(0, T_IN, 0, 0x20000, 4096);
+    mem.desc(1, 0x20000, 4096, WRITE | NEXT, 0);
+    mem.publish(0);
+    dev.kick();
+    mem.wait_used(1, "a looping chain is returned", &d);
+    // The queue goes on.
+    let status = mem.request(3, T_IN, 8, 0x30000, 4096);
+    mem.publish(3);
+    dev.kick();
+    mem.wait_used(2, "the request after the loop", &d);
+    assert_eq!(mem.read(status, 1), [0]);
+
+    // Disabled: a kick takes nothing; enabled again, the request is served.
+    dev.fe.set_vring_enable(0, false).unwrap();
+    // A message with a reply: once it is answered, the one before is done.
+    let _ = dev.fe.get_features().unwrap();
+    let status = mem.request(6, T_IN, 16, 0x40000, 4096);
+    mem.publish(6);
+    dev.kick();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(mem.used_idx(), 2, "a disabled queue took a request");
+    dev.fe.set_vring_enable(0, true).unwrap();
+    dev.kick();
+    mem.wait_used(3, "the request once the queue is enabled", &d);
+    assert_eq!(mem.read(status, 1), [0]);
+}
