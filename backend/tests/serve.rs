@@ -383,10 +383,19 @@ fn throttle_holds_the_iops_limit() {
         (iops - limit).abs() <= limit * 0.1,
         "IOPS {iops:.0} not within 10% of {limit}"
     );
-    // SIGUSR1 logs the stats.
+    // SIGUSR1 logs the stats: a line with the read count (the start-up
+    // line names the filter too, so look for the counters).
     d.signal(libc::SIGUSR1);
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(d.log_text().contains("stats"), "{}", d.log_text());
+    d.wait_for_log("op=\"read\"");
+    let log = d.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains(" stats ") && l.contains("op=\"read\""))
+        .unwrap_or_else(|| panic!("no stats line for reads in:\n{log}"));
+    assert!(
+        line.contains("count=") && line.contains("p99_us_below="),
+        "{line}"
+    );
 }
 
 #[test]
