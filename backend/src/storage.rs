@@ -14,7 +14,7 @@ use io_uring::{opcode, types, IoUring};
 
 use crate::direct::{DioAlign, DirectIo};
 use crate::request::Iov;
-use crate::sys::EventFd;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Errors opening or using the image.
 #[derive(Debug, thiserror::Error)]
@@ -379,7 +379,7 @@ impl UringQueue {
         ring.submitter()
             .register_files(&[file.as_raw_fd()])
             .map_err(StorageError::Uring)?;
-        let eventfd = EventFd::new().map_err(StorageError::Uring)?;
+        let eventfd = crate::sys::completion_eventfd().map_err(StorageError::Uring)?;
         ring.submitter()
             .register_eventfd(eventfd.as_raw_fd())
             .map_err(StorageError::Uring)?;

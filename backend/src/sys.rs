@@ -1,31 +1,27 @@
-//! Thin wrappers over the few raw system calls the crates we use do not cover.
+//! Small wrappers over system facilities: vmm-sys-util's timerfd and
+//! eventfd as the workers use them, and shared mappings of frontend files.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-/// A monotonic timerfd, used by a queue worker to wake up for deferred
-/// (throttled) requests.
-pub struct TimerFd {
-    fd: OwnedFd,
+/// A monotonic timer a queue worker wakes up on for deferred (throttled)
+/// requests: vmm-sys-util's timerfd, non-blocking, remembering when it is
+/// armed for so that a later deadline never postpones an earlier one.
+pub struct Timer {
+    fd: vmm_sys_util::timerfd::TimerFd,
     armed_for: Option<Instant>,
 }
 
-impl TimerFd {
+impl Timer {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: timerfd_create takes no pointers; the return value is checked.
-        let fd = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
+        let fd = vmm_sys_util::timerfd::TimerFd::new().map_err(io::Error::from)?;
+        // A consume after a spurious wake-up must not block the queue thread.
+        // SAFETY: F_SETFL on a descriptor we own changes no memory.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: fd was just returned by timerfd_create and is owned by no one else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(TimerFd {
+        Ok(Timer {
             fd,
             armed_for: None,
         })
@@ -40,67 +36,27 @@ impl TimerFd {
         let delay = when
             .saturating_duration_since(Instant::now())
             .max(Duration::from_micros(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: delay.as_secs() as libc::time_t,
-                tv_nsec: delay.subsec_nanos() as libc::c_long,
-            },
-        };
-        // SAFETY: the fd is a valid timerfd; `spec` is a valid itimerspec and
-        // the old-value pointer may be null.
-        let rc =
-            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        self.fd.reset(delay, None).map_err(io::Error::from)?;
         self.armed_for = Some(when);
         Ok(())
     }
 
     /// Consumes an expiry (after epoll reported the fd readable).
     pub fn consume(&mut self) {
-        let mut buf = [0u8; 8];
-        // SAFETY: reading at most 8 bytes into an 8-byte stack buffer.
-        let _ = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let _ = self.fd.wait();
         self.armed_for = None;
     }
 }
 
-impl AsRawFd for TimerFd {
+impl AsRawFd for Timer {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
 }
 
-/// An eventfd that io_uring signals when completions are posted.
-pub struct EventFd(OwnedFd);
-
-impl EventFd {
-    pub fn new() -> io::Result<Self> {
-        // SAFETY: eventfd takes no pointers; the return value is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just returned by eventfd and is owned by no one else.
-        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    pub fn consume(&self) {
-        let mut buf = [0u8; 8];
-        // SAFETY: reading at most 8 bytes into an 8-byte stack buffer.
-        let _ = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    }
-}
-
-impl AsRawFd for EventFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
+/// The eventfd io_uring signals when completions are posted.
+pub fn completion_eventfd() -> io::Result<vmm_sys_util::eventfd::EventFd> {
+    vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
 }
 
 /// A read-write shared mapping of part of a file the frontend handed over
