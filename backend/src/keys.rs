@@ -33,8 +33,12 @@ pub enum KeyError {
     },
     #[error("{image}: {reason}")]
     Format { image: PathBuf, reason: String },
-    #[error("{0}")]
-    Other(String),
+    #[error("the key-encryption key ({key_id}) is at a KMIP server: give --kms FILE")]
+    KmsNotConfigured { key_id: String },
+    #[error("unknown key provider '{0}' in the key descriptor")]
+    UnknownProvider(String),
+    #[error("the data key is unusable: {0}")]
+    BadDataKey(#[source] vmcrypt_crypto::XtsError),
 }
 
 /// How an image is served, as the operator configured it.
@@ -265,14 +269,11 @@ pub fn provider_for(
                 path,
                 source.kms_deadline,
             )?)),
-            None => Err(KeyError::Other(format!(
-                "the key-encryption key ({}) is at a KMIP server: give --kms FILE",
-                d.key_id
-            ))),
+            None => Err(KeyError::KmsNotConfigured {
+                key_id: d.key_id.clone(),
+            }),
         },
-        other => Err(KeyError::Other(format!(
-            "unknown key provider '{other}' in the key descriptor"
-        ))),
+        other => Err(KeyError::UnknownProvider(other.to_string())),
     }
 }
 

@@ -35,7 +35,9 @@ pub enum ServeError {
     #[error(transparent)]
     Direct(#[from] DirectError),
     #[error("vhost-user: {0}")]
-    VhostUser(String),
+    VhostUser(vhost_user_backend::Error),
+    #[error("registering the queues' storage and timer fds: {0}")]
+    RegisterFds(#[source] io::Error),
     #[error("signal handling: {0}")]
     Signals(io::Error),
 }
@@ -94,10 +96,9 @@ fn open_and_serve(cfg: ServeConfig, listening: Listening) -> Result<(), ServeErr
                              they are still kept out of core dumps"
                         );
                     }
-                    filters
-                        .push(Arc::new(Encrypt::new(key).map_err(|e| {
-                            ServeError::Key(KeyError::Other(e.to_string()))
-                        })?));
+                    filters.push(Arc::new(
+                        Encrypt::new(key).map_err(|e| ServeError::Key(KeyError::BadDataKey(e)))?,
+                    ));
                     let direct = open_direct(&cfg, path, header.payload_bytes())?;
                     Image::from_file(file, path, header.payload_bytes(), cfg.block_size, direct)?
                 }
@@ -203,9 +204,9 @@ fn serve_image(
             handover.clone(),
         )?;
         let mut daemon = VhostUserDaemon::new("vmcrypt".into(), dev.clone(), mem)
-            .map_err(|e| ServeError::VhostUser(e.to_string()))?;
+            .map_err(ServeError::VhostUser)?;
         dev.register_fds(&daemon.get_epoll_handlers())
-            .map_err(|e| ServeError::VhostUser(format!("registering queue fds: {e}")))?;
+            .map_err(ServeError::RegisterFds)?;
         if let Err(e) = daemon.start(&mut listener) {
             tracing::error!("accepting a frontend: {e}");
             continue;
