@@ -205,7 +205,9 @@ struct Region {
     writable: bool,
 }
 
-/// Parses the descriptors of one chain into `req`, reusing its buffers.
+/// Parses the descriptors of one chain into `req`, reusing its buffers:
+/// the chain's regions, then its status byte and header, then the data or
+/// range of the request's type.
 ///
 /// `descs` yields the chain's descriptors in order (indirect tables already
 /// followed); `head` is the chain's head index.
@@ -222,80 +224,14 @@ pub fn parse(
     req.bounce = None;
     req.written = 0;
 
-    // Collect the regions; the chain iterator stops on loops and bad
-    // indexes, which shows as a last descriptor that still has NEXT set.
-    let mut regions: [Region; 4] = [Region {
-        addr: GuestAddress(0),
-        len: 0,
-        writable: false,
-    }; 4];
-    let mut extra: Vec<Region> = Vec::new();
-    let mut count = 0usize;
-    let mut last_has_next = false;
-    let max_descs = limits.seg_max as usize + 2;
-    for d in descs {
-        if count >= max_descs {
-            return Err(ParseError::Broken("more descriptors than seg_max allows"));
-        }
-        let r = Region {
-            addr: d.addr(),
-            len: u64::from(d.len()),
-            writable: d.is_write_only(),
-        };
-        if count < regions.len() {
-            regions[count] = r;
-        } else {
-            extra.push(r);
-        }
-        count += 1;
-        last_has_next = d.has_next();
-    }
-    if count == 0 {
-        return Err(ParseError::Broken("empty chain"));
-    }
-    if last_has_next {
-        return Err(ParseError::Broken(
-            "chain loops or points outside the table",
-        ));
-    }
-    let region = |i: usize| {
-        if i < regions.len() {
-            regions[i]
-        } else {
-            extra[i - regions.len()]
-        }
-    };
-
-    // Status byte: the last byte of the last descriptor, device-writable.
-    let last = region(count - 1);
-    if !last.writable || last.len == 0 {
-        return Err(ParseError::Broken(
-            "last descriptor is not a writable status byte",
-        ));
-    }
-    let status_addr = last
-        .addr
-        .checked_add(last.len - 1)
-        .ok_or(ParseError::Broken("status byte address overflows"))?;
-    if mem.get_host_address(status_addr).is_err() {
-        return Err(ParseError::Broken("status byte outside guest memory"));
-    }
-    req.status_addr = status_addr;
-
-    // Header: the first 16 bytes of the first descriptor, device-readable.
-    let first = region(0);
-    if first.writable || first.len < HEADER_LEN || (count == 1 && first.len < HEADER_LEN + 1) {
-        return Err(refuse(Status::IoErr, "request header missing or too short"));
-    }
-    let mut header = [0u8; HEADER_LEN as usize];
-    mem.read_slice(&mut header, first.addr)
-        .map_err(|_| refuse(Status::IoErr, "request header outside guest memory"))?;
-    let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap());
-    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let regions = Regions::collect(descs, limits)?;
+    let count = regions.count;
+    req.status_addr = status_byte(mem, regions.get(count - 1))?;
+    let (req_type, sector) = header(mem, regions.get(0), count)?;
 
     // Data: what lies between the header and the status byte.
     let data = (0..count).filter_map(|i| {
-        let mut r = region(i);
+        let mut r = regions.get(i);
         if i == 0 {
             r.addr = GuestAddress(r.addr.0.wrapping_add(HEADER_LEN));
             r.len -= HEADER_LEN;
@@ -320,105 +256,219 @@ pub fn parse(
     }
 
     match req.op {
-        Op::Read | Op::Write | Op::GetId => {
-            let want_writable = req.op != Op::Write;
-            let mut total: u64 = 0;
-            let mut segs = 0u32;
-            for r in data {
-                if r.writable != want_writable {
-                    return Err(refuse(
-                        Status::IoErr,
-                        "data descriptor has the wrong direction",
-                    ));
-                }
-                segs += 1;
-                if segs > limits.seg_max {
-                    return Err(refuse(Status::IoErr, "more data segments than seg_max"));
-                }
-                if r.len > u64::from(limits.size_max) {
-                    return Err(refuse(Status::IoErr, "data segment larger than size_max"));
-                }
-                map_region(mem, r, &mut req.iovs)?;
-                if want_writable {
-                    req.dirty.push((r.addr, r.len as usize));
-                }
-                total += r.len;
-            }
-            req.len = total;
-            if req.op == Op::GetId {
-                req.offset = 0;
-                return Ok(());
-            }
-            check_range(sector, total, limits)?;
-            req.offset = sector << SECTOR_SHIFT;
-        }
+        Op::Read | Op::Write | Op::GetId => parse_data(mem, data, sector, limits, req),
         Op::Flush => {
             req.offset = 0;
             req.len = 0;
+            Ok(())
         }
-        Op::Discard | Op::WriteZeroes { .. } => {
-            // One range (the device advertises max_discard_seg and
-            // max_write_zeroes_seg = 1): le64 sector, le32 num_sectors,
-            // le32 flags, 16 bytes that may be split over descriptors. More
-            // ranges than advertised are UNSUPP, as QEMU answers; a short or
-            // ragged range is IOERR.
-            let mut seg = [0u8; DWZ_SEGMENT_LEN as usize];
-            let mut got = 0u64;
-            for r in data {
-                if r.writable {
-                    return Err(refuse(
-                        Status::IoErr,
-                        "discard/write-zeroes range in a device-writable descriptor",
-                    ));
-                }
-                let end = got.saturating_add(r.len);
-                if end > DWZ_SEGMENT_LEN {
-                    return Err(refuse(
-                        Status::Unsupp,
-                        "discard/write-zeroes with more than one range",
-                    ));
-                }
-                mem.read_slice(&mut seg[got as usize..end as usize], r.addr)
-                    .map_err(|_| refuse(Status::IoErr, "range outside guest memory"))?;
-                got = end;
+        Op::Discard | Op::WriteZeroes { .. } => parse_range(mem, data, limits, req),
+    }
+}
+
+/// The regions of a chain's descriptors, the first few without allocating.
+struct Regions {
+    inline: [Region; 4],
+    extra: Vec<Region>,
+    count: usize,
+}
+
+impl Regions {
+    /// Walks the chain. The chain iterator stops on loops and bad indexes,
+    /// which shows as a last descriptor that still has NEXT set; more
+    /// descriptors than a request may have stop the walk too.
+    fn collect(
+        descs: impl Iterator<Item = Descriptor>,
+        limits: &Limits,
+    ) -> Result<Regions, ParseError> {
+        let mut regions = Regions {
+            inline: [Region {
+                addr: GuestAddress(0),
+                len: 0,
+                writable: false,
+            }; 4],
+            extra: Vec::new(),
+            count: 0,
+        };
+        let mut last_has_next = false;
+        let max_descs = limits.seg_max as usize + 2;
+        for d in descs {
+            if regions.count >= max_descs {
+                return Err(ParseError::Broken("more descriptors than seg_max allows"));
             }
-            if got != DWZ_SEGMENT_LEN {
-                return Err(refuse(
-                    Status::IoErr,
-                    "discard/write-zeroes range shorter than 16 bytes",
-                ));
-            }
-            let start = u64::from_le_bytes(seg[0..8].try_into().unwrap());
-            let sectors = u64::from(u32::from_le_bytes(seg[8..12].try_into().unwrap()));
-            let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
-            let allowed = if req.op == Op::Discard {
-                0
-            } else {
-                VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+            let r = Region {
+                addr: d.addr(),
+                len: u64::from(d.len()),
+                writable: d.is_write_only(),
             };
-            if flags & !allowed != 0 {
-                return Err(refuse(Status::Unsupp, "unknown discard/write-zeroes flags"));
-            }
-            if let Op::WriteZeroes { unmap } = &mut req.op {
-                *unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
-            }
-            let len = sectors << SECTOR_SHIFT;
-            let max = if req.op == Op::Discard {
-                limits.max_discard
+            if regions.count < regions.inline.len() {
+                regions.inline[regions.count] = r;
             } else {
-                limits.max_write_zeroes
-            };
-            if len > max {
-                return Err(refuse(
-                    Status::IoErr,
-                    "range larger than the advertised maximum",
-                ));
+                regions.extra.push(r);
             }
-            check_range(start, len, limits)?;
-            req.offset = start << SECTOR_SHIFT;
-            req.len = len;
+            regions.count += 1;
+            last_has_next = d.has_next();
+        }
+        if regions.count == 0 {
+            return Err(ParseError::Broken("empty chain"));
+        }
+        if last_has_next {
+            return Err(ParseError::Broken(
+                "chain loops or points outside the table",
+            ));
+        }
+        Ok(regions)
+    }
+
+    fn get(&self, i: usize) -> Region {
+        if i < self.inline.len() {
+            self.inline[i]
+        } else {
+            self.extra[i - self.inline.len()]
         }
     }
+}
+
+/// The status byte: the last byte of the last descriptor, device-writable.
+fn status_byte(mem: &GuestMem, last: Region) -> Result<GuestAddress, ParseError> {
+    if !last.writable || last.len == 0 {
+        return Err(ParseError::Broken(
+            "last descriptor is not a writable status byte",
+        ));
+    }
+    let status_addr = last
+        .addr
+        .checked_add(last.len - 1)
+        .ok_or(ParseError::Broken("status byte address overflows"))?;
+    if mem.get_host_address(status_addr).is_err() {
+        return Err(ParseError::Broken("status byte outside guest memory"));
+    }
+    Ok(status_addr)
+}
+
+/// The request header: the first 16 bytes of the first descriptor,
+/// device-readable. Returns the type and the sector.
+fn header(mem: &GuestMem, first: Region, count: usize) -> Result<(u32, u64), ParseError> {
+    if first.writable || first.len < HEADER_LEN || (count == 1 && first.len < HEADER_LEN + 1) {
+        return Err(refuse(Status::IoErr, "request header missing or too short"));
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    mem.read_slice(&mut header, first.addr)
+        .map_err(|_| refuse(Status::IoErr, "request header outside guest memory"))?;
+    let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap());
+    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    Ok((req_type, sector))
+}
+
+/// READ, WRITE and GET_ID: the data buffers, their direction and limits,
+/// and the range on the disk.
+fn parse_data(
+    mem: &GuestMem,
+    data: impl Iterator<Item = Region>,
+    sector: u64,
+    limits: &Limits,
+    req: &mut Request,
+) -> Result<(), ParseError> {
+    let want_writable = req.op != Op::Write;
+    let mut total: u64 = 0;
+    let mut segs = 0u32;
+    for r in data {
+        if r.writable != want_writable {
+            return Err(refuse(
+                Status::IoErr,
+                "data descriptor has the wrong direction",
+            ));
+        }
+        segs += 1;
+        if segs > limits.seg_max {
+            return Err(refuse(Status::IoErr, "more data segments than seg_max"));
+        }
+        if r.len > u64::from(limits.size_max) {
+            return Err(refuse(Status::IoErr, "data segment larger than size_max"));
+        }
+        map_region(mem, r, &mut req.iovs)?;
+        if want_writable {
+            req.dirty.push((r.addr, r.len as usize));
+        }
+        total += r.len;
+    }
+    req.len = total;
+    if req.op == Op::GetId {
+        req.offset = 0;
+        return Ok(());
+    }
+    check_range(sector, total, limits)?;
+    req.offset = sector << SECTOR_SHIFT;
+    Ok(())
+}
+
+/// DISCARD and WRITE_ZEROES: one 16-byte range.
+fn parse_range(
+    mem: &GuestMem,
+    data: impl Iterator<Item = Region>,
+    limits: &Limits,
+    req: &mut Request,
+) -> Result<(), ParseError> {
+    // One range (the device advertises max_discard_seg and
+    // max_write_zeroes_seg = 1): le64 sector, le32 num_sectors,
+    // le32 flags, 16 bytes that may be split over descriptors. More
+    // ranges than advertised are UNSUPP, as QEMU answers; a short or
+    // ragged range is IOERR.
+    let mut seg = [0u8; DWZ_SEGMENT_LEN as usize];
+    let mut got = 0u64;
+    for r in data {
+        if r.writable {
+            return Err(refuse(
+                Status::IoErr,
+                "discard/write-zeroes range in a device-writable descriptor",
+            ));
+        }
+        let end = got.saturating_add(r.len);
+        if end > DWZ_SEGMENT_LEN {
+            return Err(refuse(
+                Status::Unsupp,
+                "discard/write-zeroes with more than one range",
+            ));
+        }
+        mem.read_slice(&mut seg[got as usize..end as usize], r.addr)
+            .map_err(|_| refuse(Status::IoErr, "range outside guest memory"))?;
+        got = end;
+    }
+    if got != DWZ_SEGMENT_LEN {
+        return Err(refuse(
+            Status::IoErr,
+            "discard/write-zeroes range shorter than 16 bytes",
+        ));
+    }
+    let start = u64::from_le_bytes(seg[0..8].try_into().unwrap());
+    let sectors = u64::from(u32::from_le_bytes(seg[8..12].try_into().unwrap()));
+    let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
+    let allowed = if req.op == Op::Discard {
+        0
+    } else {
+        VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+    };
+    if flags & !allowed != 0 {
+        return Err(refuse(Status::Unsupp, "unknown discard/write-zeroes flags"));
+    }
+    if let Op::WriteZeroes { unmap } = &mut req.op {
+        *unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+    }
+    let len = sectors << SECTOR_SHIFT;
+    let max = if req.op == Op::Discard {
+        limits.max_discard
+    } else {
+        limits.max_write_zeroes
+    };
+    if len > max {
+        return Err(refuse(
+            Status::IoErr,
+            "range larger than the advertised maximum",
+        ));
+    }
+    check_range(start, len, limits)?;
+    req.offset = start << SECTOR_SHIFT;
+    req.len = len;
     Ok(())
 }
 
