@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::direct::{DioAlign, DirectIo};
+use crate::direct::DirectIo;
 use crate::request::Iov;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -82,16 +82,6 @@ impl Image {
             capacity: size,
             direct,
         })
-    }
-
-    /// The alignment direct I/O needs, with `--cache none`.
-    pub fn dio_align(&self) -> Option<DioAlign> {
-        match self {
-            Image::File {
-                direct: Some(d), ..
-            } => Some(d.align),
-            _ => None,
-        }
     }
 
     pub fn capacity(&self) -> u64 {

@@ -7,18 +7,15 @@
 //! copied out. Encrypted disks need no such stage: the encrypt filter
 //! bounces every request through aligned buffers already.
 //!
-//! Bounce buffers are bounded per queue as the encrypt filter's are: a
-//! request that would take the queue past [`BOUNCE_BUDGET`] waits.
+//! Bounce buffers are bounded per queue as the encrypt filter's are
+//! ([`BouncePool`]).
 
 use std::time::Instant;
 
-use super::encrypt::BOUNCE_BUDGET;
+use super::bounce::BouncePool;
 use super::{Filter, QueueFilter, Verdict};
-use crate::direct::{gather, scatter, AlignedBuf, DioAlign};
+use crate::direct::{gather, scatter, DioAlign};
 use crate::request::{Bounce, Op, Request, Status};
-
-/// How long a request waits for bounce buffer room before it asks again.
-const BOUNCE_RETRY: std::time::Duration = std::time::Duration::from_micros(50);
 
 pub struct Align {
     dio: DioAlign,
@@ -38,36 +35,25 @@ impl Filter for Align {
     fn queue_filter(&self, _queue: usize) -> Box<dyn QueueFilter> {
         Box::new(AlignQueue {
             dio: self.dio,
-            spare: Vec::new(),
-            outstanding: 0,
+            bounces: BouncePool::new(16),
         })
     }
 }
 
 struct AlignQueue {
     dio: DioAlign,
-    /// Bounce buffers returned by completed requests, for reuse.
-    spare: Vec<AlignedBuf>,
-    /// Bytes of bounce buffers held by requests in flight.
-    outstanding: usize,
+    bounces: BouncePool,
 }
-
-/// Buffers larger than this are not kept for reuse.
-const KEEP_MAX: usize = 1 << 20;
-const KEEP_COUNT: usize = 16;
 
 impl QueueFilter for AlignQueue {
     fn submit(&mut self, req: &mut Request, now: Instant, may_delay: bool) -> Verdict {
         if !matches!(req.op, Op::Read | Op::Write) || self.dio.fits(&req.iovs) {
             return Verdict::Pass;
         }
-        let len = req.len as usize;
-        if may_delay && self.outstanding > 0 && self.outstanding + len > BOUNCE_BUDGET {
-            return Verdict::Delay(now + BOUNCE_RETRY);
-        }
-        self.outstanding += len;
-        let mut b = self.spare.pop().unwrap_or_default();
-        b.resize(len);
+        let mut b = match self.bounces.take(req.len as usize, now, may_delay) {
+            Ok(b) => b,
+            Err(until) => return Verdict::Delay(until),
+        };
         if req.op == Op::Write {
             gather(&req.iovs, &mut b);
         }
@@ -79,13 +65,10 @@ impl QueueFilter for AlignQueue {
         let Some(bounce) = req.bounce.take() else {
             return status;
         };
-        self.outstanding -= bounce.buf.len();
         if req.op == Op::Read && status == Status::Ok {
             scatter(&bounce.buf, &req.iovs);
         }
-        if bounce.buf.capacity() <= KEEP_MAX && self.spare.len() < KEEP_COUNT {
-            self.spare.push(bounce.buf);
-        }
+        self.bounces.give_back(bounce.buf);
         status
     }
 }
@@ -93,6 +76,8 @@ impl QueueFilter for AlignQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::direct::AlignedBuf;
+    use crate::filter::bounce::BOUNCE_BUDGET;
     use crate::request::Iov;
 
     #[test]

@@ -14,17 +14,16 @@
 //! DISCARD punches a hole, after which reads of that range return
 //! unpredictable data, as the virtio spec allows for discarded blocks.
 //!
-//! Bounce buffers are bounded per queue: a request that would take the queue
-//! past [`BOUNCE_BUDGET`] waits (the pipeline's Delay) until earlier ones
-//! complete, so a guest cannot make the host allocate without limit.
+//! Bounce buffers are bounded per queue ([`BouncePool`]): a guest cannot make
+//! the host allocate without limit.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use vmcrypt_crypto::{MasterKey, Xts, XtsError, SECTOR};
 
+use super::bounce::BouncePool;
 use super::{Filter, QueueFilter, Verdict};
-use crate::direct::AlignedBuf;
 use crate::request::{Bounce, Iov, Op, Request, Status};
 
 pub struct Encrypt {
@@ -46,64 +45,39 @@ impl Filter for Encrypt {
     fn queue_filter(&self, _queue: usize) -> Box<dyn QueueFilter> {
         Box::new(EncryptQueue {
             xts: Xts::new(&self.key).expect("key checked in Encrypt::new"),
-            pool: Vec::new(),
-            outstanding: 0,
+            bounces: BouncePool::new(64),
         })
     }
 }
 
 struct EncryptQueue {
     xts: Xts,
-    /// Bounce buffers returned by completed requests, for reuse.
-    pool: Vec<AlignedBuf>,
-    /// Bytes of bounce buffers held by requests in flight.
-    outstanding: usize,
-}
-
-/// Most bytes of bounce buffers one queue holds at once.
-pub const BOUNCE_BUDGET: usize = 64 << 20;
-/// How long a write waits for bounce buffer room before it asks again.
-const BOUNCE_RETRY: std::time::Duration = std::time::Duration::from_micros(50);
-
-/// Buffers larger than this are not kept in the pool.
-const POOL_KEEP_MAX: usize = 1 << 20;
-const POOL_LEN_MAX: usize = 64;
-
-impl EncryptQueue {
-    fn bounce(&mut self, len: usize) -> AlignedBuf {
-        let mut b = self.pool.pop().unwrap_or_default();
-        b.resize(len);
-        b
-    }
+    bounces: BouncePool,
 }
 
 impl QueueFilter for EncryptQueue {
     fn submit(&mut self, req: &mut Request, now: Instant, may_delay: bool) -> Verdict {
         let first = req.offset / SECTOR as u64;
-        if matches!(req.op, Op::Read | Op::Write | Op::WriteZeroes { .. }) {
-            let len = req.len as usize;
-            // One request always goes, however large; more wait for room,
-            // unless the queue is draining.
-            if may_delay && self.outstanding > 0 && self.outstanding + len > BOUNCE_BUDGET {
-                return Verdict::Delay(now + BOUNCE_RETRY);
-            }
-            self.outstanding += len;
+        if !matches!(req.op, Op::Read | Op::Write | Op::WriteZeroes { .. }) {
+            return Verdict::Pass;
         }
+        let mut b = match self.bounces.take(req.len as usize, now, may_delay) {
+            Ok(b) => b,
+            Err(until) => return Verdict::Delay(until),
+        };
         match req.op {
             Op::Write => {
-                let mut b = self.bounce(req.len as usize);
                 if let Err(e) = encrypt_from_iovs(&mut self.xts, first, &req.iovs, &mut b) {
                     tracing::error!("encrypting a write: {e}");
-                    self.outstanding -= b.len();
+                    self.bounces.give_back(b);
                     return Verdict::Complete(Status::IoErr);
                 }
                 req.bounce = Some(Bounce::new(b));
             }
             Op::WriteZeroes { .. } => {
-                let mut b = self.bounce(req.len as usize);
                 b.fill(0);
                 if self.xts.encrypt_in_place(first, &mut b).is_err() {
-                    self.outstanding -= b.len();
+                    self.bounces.give_back(b);
                     return Verdict::Complete(Status::IoErr);
                 }
                 let mut bounce = Bounce::new(b);
@@ -111,12 +85,8 @@ impl QueueFilter for EncryptQueue {
                 req.bounce = Some(bounce);
                 req.op = Op::Write;
             }
-            Op::Read => {
-                // Storage fills this; the guest sees only what is decrypted.
-                let b = self.bounce(req.len as usize);
-                req.bounce = Some(Bounce::new(b));
-            }
-            Op::Flush | Op::Discard | Op::GetId => {}
+            // Storage fills this; the guest sees only what is decrypted.
+            _ => req.bounce = Some(Bounce::new(b)),
         }
         Verdict::Pass
     }
@@ -125,7 +95,6 @@ impl QueueFilter for EncryptQueue {
         let Some(bounce) = req.bounce.take() else {
             return status;
         };
-        self.outstanding -= bounce.buf.len();
         if let Some(op) = bounce.replaces {
             req.op = op;
         }
@@ -136,9 +105,7 @@ impl QueueFilter for EncryptQueue {
                 status = Status::IoErr;
             }
         }
-        if bounce.buf.capacity() <= POOL_KEEP_MAX && self.pool.len() < POOL_LEN_MAX {
-            self.pool.push(bounce.buf);
-        }
+        self.bounces.give_back(bounce.buf);
         status
     }
 }
@@ -263,6 +230,7 @@ fn decrypt_into_iovs(xts: &mut Xts, first: u64, src: &[u8], iovs: &[Iov]) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::filter::bounce::BOUNCE_BUDGET;
 
     fn iovs_over(buf: &mut [u8], cuts: &[usize]) -> Vec<Iov> {
         let mut v = Vec::new();

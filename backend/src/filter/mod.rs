@@ -13,6 +13,7 @@
 //! it sees the status and may transform read data in place in guest buffers.
 
 mod align;
+mod bounce;
 mod encrypt;
 mod stats;
 mod throttle;
