@@ -5,60 +5,16 @@
 mod common;
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 
 use blkio::ReqFlags;
 use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// Pages of `file` from `off` to its end in the page cache, from
-/// cachestat(2); None where the kernel lacks it.
-fn cached_pages(file: &File, off: u64) -> Option<u64> {
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        cache: u64,
-        dirty: u64,
-        writeback: u64,
-        evicted: u64,
-        recently_evicted: u64,
-    }
-    const SYS_CACHESTAT: libc::c_long = 451;
-    let range = Range { off, len: 0 };
-    let mut st = Stat::default();
-    // SAFETY: cachestat reads `range` and writes `st`, laid out as the
-    // kernel's struct cachestat_range and struct cachestat.
-    let r = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const Range,
-            &mut st as *mut Stat,
-            0u32,
-        )
-    };
-    (r == 0).then_some(st.cache)
-}
-
-fn image(dir: &std::path::Path) -> std::path::PathBuf {
-    let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
-    img
-}
-
 #[test]
 fn direct_io_serves_aligned_and_unaligned_buffers_without_the_page_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
+    let img = sparse_image(dir.path(), 16 * MIB);
     let d = Daemon::start(
         dir.path(),
         "direct",
@@ -115,7 +71,7 @@ fn direct_io_serves_aligned_and_unaligned_buffers_without_the_page_cache() {
     // first pages are read at start, through the ordinary descriptor, to
     // check the image's format).
     let file = File::open(&img).unwrap();
-    if let Some(pages) = cached_pages(&file, MIB) {
+    if let Some(pages) = cachestat(&file, MIB).map(|st| st.cache) {
         assert_eq!(pages, 0, "pages of the image in the page cache");
     }
     drop(f);
@@ -130,7 +86,7 @@ fn direct_io_serves_aligned_and_unaligned_buffers_without_the_page_cache() {
 #[test]
 fn a_bad_cache_mode_is_refused_naming_the_modes() {
     let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
+    let img = sparse_image(dir.path(), 16 * MIB);
     let out = std::process::Command::new(BIN)
         .args(["serve", "--cache", "bogus", "--image"])
         .arg(&img)

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pattern, Frontend, BIN};
+use common::{pattern, sparse_image, Frontend, BIN};
 
 const MIB: u64 = 1 << 20;
 
@@ -74,15 +74,6 @@ fn terminate(mut child: Child) -> std::process::ExitStatus {
     }
 }
 
-fn image(dir: &Path) -> std::path::PathBuf {
-    let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
-    img
-}
-
 /// Writes and reads back through `socket`; checks the image file.
 fn write_read(socket: &Path, img: &Path, seed: u64) {
     let mut f = Frontend::connect(socket, 1, 2 * MIB as usize);
@@ -99,7 +90,7 @@ fn write_read(socket: &Path, img: &Path, seed: u64) {
 #[test]
 fn a_socket_handed_in_as_an_fd_is_served_and_left_in_place() {
     let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
+    let img = sparse_image(dir.path(), 16 * MIB);
     let sock = dir.path().join("handed.sock");
     let listener = UnixListener::bind(&sock).unwrap();
     let log = dir.path().join("fd.log");
@@ -120,7 +111,7 @@ fn a_socket_handed_in_as_an_fd_is_served_and_left_in_place() {
 #[test]
 fn systemd_socket_activation_picks_the_named_socket() {
     let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
+    let img = sparse_image(dir.path(), 16 * MIB);
     let other = UnixListener::bind(dir.path().join("control.sock")).unwrap();
     let sock = dir.path().join("activated.sock");
     let listener = UnixListener::bind(&sock).unwrap();
@@ -150,7 +141,7 @@ fn systemd_socket_activation_picks_the_named_socket() {
 #[test]
 fn what_is_not_a_listening_unix_socket_is_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    let img = image(dir.path());
+    let img = sparse_image(dir.path(), 16 * MIB);
     let file = std::fs::File::create(dir.path().join("plain")).unwrap();
     let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
     let spare = UnixListener::bind(dir.path().join("x.sock")).unwrap();

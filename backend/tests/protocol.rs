@@ -515,37 +515,9 @@ fn a_new_call_fd_is_signalled_once() {
 }
 
 /// Pages of `file` in the page cache that are not yet on storage (dirty or
-/// under writeback), from cachestat(2); None where the kernel lacks it.
+/// under writeback); None where the kernel lacks cachestat(2).
 fn unwritten_pages(file: &File) -> Option<u64> {
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        cache: u64,
-        dirty: u64,
-        writeback: u64,
-        evicted: u64,
-        recently_evicted: u64,
-    }
-    const SYS_CACHESTAT: libc::c_long = 451;
-    let range = Range { off: 0, len: 0 }; // len 0: to the end of the file
-    let mut st = Stat::default();
-    // SAFETY: cachestat reads `range` and writes `st`, both live and laid
-    // out as the kernel's struct cachestat_range and struct cachestat.
-    let r = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const Range,
-            &mut st as *mut Stat,
-            0u32,
-        )
-    };
-    (r == 0).then_some(st.dirty + st.writeback)
+    cachestat(file, 0).map(|st| st.dirty + st.writeback)
 }
 
 /// VIRTIO_BLK_F_CONFIG_WCE: the guest turns the write cache off (Linux:

@@ -11,15 +11,8 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn raw_image(dir: &std::path::Path, size: u64) -> std::path::PathBuf {
-    let img = dir.join("disk.img");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(size).unwrap();
-    img
-}
-
 fn serve_raw(dir: &std::path::Path, size: u64, extra: &[&str]) -> (Daemon, std::path::PathBuf) {
-    let img = raw_image(dir, size);
+    let img = sparse_image(dir, size);
     let mut args = vec!["--image", img.to_str().unwrap()];
     args.extend_from_slice(extra);
     (Daemon::start(dir, "vmcrypt", &args), img)
@@ -121,7 +114,7 @@ fn flush_discard_and_write_zeroes() {
 #[test]
 fn read_only_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let img = raw_image(dir.path(), 4 * MIB);
+    let img = sparse_image(dir.path(), 4 * MIB);
     std::fs::write(&img, pattern(9, 4 * MIB as usize)).unwrap();
     let d = Daemon::start(
         dir.path(),
@@ -251,7 +244,7 @@ fn reconnect_keeps_the_data() {
 #[test]
 fn sigterm_completes_writes_in_flight_and_restart_finds_them() {
     let dir = tempfile::tempdir().unwrap();
-    let img = raw_image(dir.path(), 64 * MIB);
+    let img = sparse_image(dir.path(), 64 * MIB);
     let args = ["--image", img.to_str().unwrap()];
     let d = Daemon::start(dir.path(), "a", &args);
     let mut f = Frontend::connect(&d.socket, 1, 8 * MIB as usize);

@@ -196,3 +196,46 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// An empty (sparse) image of `size` bytes, `disk.img` in `dir`.
+pub fn sparse_image(dir: &Path, size: u64) -> PathBuf {
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+    img
+}
+
+/// A file's page cache from `off` to its end, from cachestat(2) (Linux 6.5+).
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct CacheStat {
+    pub cache: u64,
+    pub dirty: u64,
+    pub writeback: u64,
+    pub evicted: u64,
+    pub recently_evicted: u64,
+}
+
+/// None where the kernel lacks cachestat(2).
+pub fn cachestat(file: &std::fs::File, off: u64) -> Option<CacheStat> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let range = Range { off, len: 0 }; // len 0: to the end of the file
+    let mut st = CacheStat::default();
+    // SAFETY: cachestat reads `range` and writes `st`, both live and laid
+    // out as the kernel's struct cachestat_range and struct cachestat.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut st as *mut CacheStat,
+            0u32,
+        )
+    };
+    (r == 0).then_some(st)
+}
