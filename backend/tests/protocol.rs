@@ -757,3 +757,115 @@ fn loops_and_kicks_on_a_disabled_queue_are_harmless() {
     mem.wait_used(3, "the request once the queue is enabled", &d);
     assert_eq!(mem.read(status, 1), [0]);
 }
+
+/// What the daemon holds: resident memory in KiB, open descriptors and
+/// mappings, from /proc.
+fn footprint(pid: u32) -> (u64, usize, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .count();
+    (rss, fds, maps)
+}
+
+/// A raw vhost-user message: request, flags (version 1), size, then `body`;
+/// `size` may lie about the body's length.
+fn raw_message(request: u32, size: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(12 + body.len());
+    m.extend_from_slice(&request.to_le_bytes());
+    m.extend_from_slice(&1u32.to_le_bytes());
+    m.extend_from_slice(&size.to_le_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// Oversized and malformed messages, each on its own connection: a header
+/// announcing a 4 GiB body, a memory table claiming more regions than the
+/// protocol allows, a config write longer than the config space, a request
+/// code that does not exist, and half a header. Each ends that connection
+/// only. Afterwards, and after many frontends that mapped memory and left
+/// with requests in flight, the daemon holds no more descriptors or
+/// mappings than before, and its memory has not grown with them.
+#[test]
+fn oversized_messages_are_refused_and_memory_stays_bounded() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    const SET_FEATURES: u32 = 2;
+    const SET_MEM_TABLE: u32 = 5;
+    const SET_CONFIG: u32 = 25;
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 80);
+    let d = Daemon::start(dir.path(), "vmcrypt", &["--image", img.to_str().unwrap()]);
+    serves_a_good_frontend(&d, 81);
+    let before = footprint(d.child.id());
+
+    let mut set_config = Vec::new();
+    set_config.extend_from_slice(&0u32.to_le_bytes()); // offset
+    set_config.extend_from_slice(&4000u32.to_le_bytes()); // size
+    set_config.extend_from_slice(&0u32.to_le_bytes()); // flags
+    set_config.resize(12 + 4000, 0xaa);
+    let mut many_regions = Vec::new();
+    many_regions.extend_from_slice(&255u32.to_le_bytes()); // num_regions
+    many_regions.extend_from_slice(&0u32.to_le_bytes()); // padding
+    many_regions.resize(8 + 255 * 32, 0x55);
+    let hostile: Vec<(&str, Vec<u8>)> = vec![
+        ("a 4 GiB body", raw_message(SET_FEATURES, u32::MAX, &[0; 8])),
+        (
+            "255 memory regions",
+            raw_message(SET_MEM_TABLE, many_regions.len() as u32, &many_regions),
+        ),
+        (
+            "a config write past the config space",
+            raw_message(SET_CONFIG, set_config.len() as u32, &set_config),
+        ),
+        ("an unknown request", raw_message(9999, 8, &[0; 8])),
+        ("half a header", vec![1, 0, 0, 0, 1, 0]),
+    ];
+    for round in 0..3 {
+        for (what, msg) in &hostile {
+            let mut s = UnixStream::connect(&d.socket).unwrap();
+            // The daemon may already have hung up: a failed write is fine.
+            let _ = s.write_all(msg);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            drop(s);
+            assert!(d.child_alive(), "after {what}: {}", d.log_text());
+        }
+        serves_a_good_frontend(&d, 82 + round);
+    }
+
+    // Frontends that map memory and leave with a request in flight.
+    for i in 0..20u16 {
+        let mem = Memory::new();
+        let mut dev = Device::connect(&d.socket, 0);
+        dev.start(&mem, 0);
+        mem.request(0, T_OUT, u64::from(i), 0x20000, 65536);
+        mem.publish(0);
+        dev.kick();
+    }
+    serves_a_good_frontend(&d, 90);
+    assert!(d.child_alive(), "{}", d.log_text());
+
+    let after = footprint(d.child.id());
+    if after.1 > before.1 {
+        for e in std::fs::read_dir(format!("/proc/{}/fd", d.child.id())).unwrap() {
+            let e = e.unwrap();
+            eprintln!("{:?} -> {:?}", e.file_name(), std::fs::read_link(e.path()));
+        }
+    }
+    assert!(after.1 <= before.1, "descriptors: {before:?} -> {after:?}");
+    assert!(after.2 <= before.2 + 4, "mappings: {before:?} -> {after:?}");
+    assert!(
+        after.0 <= before.0 + 16 * 1024,
+        "resident KiB: {before:?} -> {after:?}"
+    );
+}
