@@ -18,12 +18,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kmip_protocol::types::common::{
-    AttributeName, AttributeValue, CryptographicAlgorithm, CryptographicLength, KeyFormatType,
-    KeyMaterial, ObjectType, RevocationReasonCode, State, UniqueIdentifier,
+    AttributeName, AttributeValue, CryptographicAlgorithm, KeyMaterial, ObjectType,
+    RevocationReasonCode, State, UniqueIdentifier,
 };
 use kmip_protocol::types::request::{
-    self, Attribute, KeyBlock, KeyValue, ManagedObject, QueryFunction, RequestPayload,
-    RevocationReason, SymmetricKey, TemplateAttribute,
+    self, Attribute, QueryFunction, RequestPayload, RevocationReason, TemplateAttribute,
 };
 use kmip_protocol::types::response::{self as resp, ResponsePayload};
 use serde::Deserialize;
@@ -238,7 +237,13 @@ impl KmipProvider {
             })
             .collect()
     }
+}
 
+/// What the tests do to a cluster besides what vmcrypt does: not built
+/// into the daemon (feature `test-support`, enabled for the workspace's
+/// tests only).
+#[cfg(feature = "test-support")]
+impl KmipProvider {
     /// Stores an existing KEK under `name` at one server (how a test
     /// replicates a key to a second server of a cluster).
     pub fn register_kek(&self, server: &str, name: &str, kek: &Kek) -> Result<String, KmsError> {
@@ -305,7 +310,9 @@ trait Kmip {
     fn locate(&self, name: &str) -> Result<Vec<String>, KmsError>;
     fn get(&self, id: &str) -> Result<Kek, KmsError>;
     fn revoke(&self, id: &str) -> Result<(), KmsError>;
+    #[cfg(feature = "test-support")]
     fn destroy(&self, id: &str) -> Result<(), KmsError>;
+    #[cfg(feature = "test-support")]
     fn register(&self, name: &str, kek: &Kek) -> Result<String, KmsError>;
 }
 
@@ -449,12 +456,16 @@ impl<T: Read + Write> Kmip for Conn<'_, T> {
         .map(|_| ())
     }
 
+    #[cfg(feature = "test-support")]
     fn destroy(&self, id: &str) -> Result<(), KmsError> {
         self.request(RequestPayload::Destroy(Some(UniqueIdentifier(id.into()))))
             .map(|_| ())
     }
 
+    #[cfg(feature = "test-support")]
     fn register(&self, name: &str, kek: &Kek) -> Result<String, KmsError> {
+        use kmip_protocol::types::common::{CryptographicLength, KeyFormatType};
+        use kmip_protocol::types::request::{KeyBlock, KeyValue, ManagedObject, SymmetricKey};
         let attrs = vec![
             request::Attribute(
                 AttributeName("Cryptographic Usage Mask".into()),
