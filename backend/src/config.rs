@@ -154,6 +154,12 @@ pub struct ServeOptions {
     #[arg(long, value_name = "SECS")]
     pub kms_deadline: Option<u64>,
 
+    /// Syscall filter installed once started: `on` (a syscall outside
+    /// vmcrypt's allow-list ends the daemon, naming it), `log` (allowed, but
+    /// recorded in the kernel's audit log) or `off` [default: on].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub seccomp: Option<crate::seccomp::SeccompMode>,
+
     /// Log level: error, warn, info, debug or trace [default: info; RUST_LOG also works].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -208,6 +214,7 @@ impl ServeOptions {
             kms: self.kms.or_else(|| file.kms.map(|p| relative_to(&path, p))),
             kms_deadline: self.kms_deadline.or(file.kms_deadline),
             max_pbkdf2_iterations: self.max_pbkdf2_iterations.or(file.max_pbkdf2_iterations),
+            seccomp: self.seccomp.or(file.seccomp),
             config: Some(path),
         })
     }
@@ -256,6 +263,7 @@ pub struct ServeConfig {
     pub socket_group: Option<String>,
     pub poll_us: u64,
     pub keys: crate::keys::KeySource,
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 impl TryFrom<ServeOptions> for ServeConfig {
@@ -364,6 +372,7 @@ impl TryFrom<ServeOptions> for ServeConfig {
                     .max_pbkdf2_iterations
                     .unwrap_or(vmcrypt_crypto::luks::DEFAULT_MAX_ITERATIONS),
             },
+            seccomp: o.seccomp.unwrap_or_default(),
             poll_us: match o.poll_us.unwrap_or(32) {
                 us if us <= 1000 => us,
                 _ => return Err(invalid("poll-us", "at most 1000")),

@@ -12,6 +12,8 @@
 //!    requests each queue has taken so a restarted daemon resubmits them,
 //!    [`dirty`] logs the guest memory vmcrypt writes while QEMU migrates, and
 //!    [`handover`] keeps the image lock with the running device.
+//! 5. Around the process: [`seccomp`] narrows the syscalls it may make once
+//!    started.
 
 // Every unsafe block says why it is sound (CI runs clippy with -D warnings).
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -41,6 +43,7 @@ pub mod inflight;
 pub mod keys;
 pub mod listen;
 pub mod request;
+pub mod seccomp;
 pub mod server;
 pub mod storage;
 pub mod worker;

@@ -40,6 +40,8 @@ pub enum ServeError {
     RegisterFds(#[source] io::Error),
     #[error("signal handling: {0}")]
     Signals(io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Largest data segment we accept, and the most segments per request.
@@ -166,6 +168,10 @@ fn serve_image(
         disk,
         poll_max: std::time::Duration::from_micros(cfg.poll_us),
     };
+
+    // From here on the daemon needs no new files, no network and no new
+    // programs: narrow the syscalls it may make.
+    crate::seccomp::install(cfg.seccomp)?;
 
     // Signals are taken by a thread of their own: block them here, before
     // any other thread exists, so every thread inherits the mask.

@@ -639,3 +639,43 @@ fn guest_memory_added_while_running_is_used() {
     }
     assert_eq!(f.read(0, 0, 0, 4096), 0);
 }
+
+/// `Seccomp:` of every thread of `pid` (0 none, 2 filter), from /proc.
+fn seccomp_modes(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| {
+            let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .map(|v| v.trim().to_string())
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn every_thread_serves_under_the_seccomp_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _) = serve_raw(dir.path(), 8 * MIB, &["--num-queues", "2"]);
+    let mut f = Frontend::connect(&d.socket, 2, MIB as usize);
+    f.buf(0, 4096).copy_from_slice(&pattern(9, 4096));
+    for q in 0..2 {
+        assert_eq!(f.write(q, 4096 * q as u64, 0, 4096), 0);
+        assert_eq!(f.flush(q), 0);
+        assert_eq!(f.read(q, 4096 * q as u64, 8192, 4096), 0);
+    }
+    d.wait_for_log("seccomp filter installed");
+    // The main thread, the signal thread, the frontend's thread and one
+    // per queue: all filtered.
+    let modes = seccomp_modes(d.child.id());
+    assert!(modes.len() >= 5, "threads: {modes:?}");
+    assert!(modes.iter().all(|m| m == "2"), "Seccomp: {modes:?}");
+    drop(f);
+    assert!(d.terminate().success());
+
+    let (d, _) = serve_raw(dir.path(), 8 * MIB, &["--seccomp", "off"]);
+    assert!(seccomp_modes(d.child.id()).iter().all(|m| m == "0"));
+    assert!(!d.log_text().contains("seccomp filter installed"));
+}

@@ -127,20 +127,29 @@ impl Vmcrypt {
     }
 
     /// SIGTERM, then wait for the exit status.
+    /// Sends SIGTERM and waits up to 30 s for the exit status; a failure
+    /// prints the daemon's log.
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        let status = loop {
             if let Ok(Some(s)) = self.child.try_wait() {
-                return s;
+                break s;
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                return self.child.wait().unwrap();
+                break self.child.wait().unwrap();
             }
             std::thread::sleep(Duration::from_millis(20));
+        };
+        if !status.success() {
+            eprintln!(
+                "vmcrypt exited with {status}; its log:\n{}",
+                self.log_text()
+            );
         }
+        status
     }
 }
 
