@@ -115,7 +115,7 @@ impl fmt::Display for FilterSpec {
 pub fn build(spec: &FilterSpec, num_queues: usize) -> Result<Arc<dyn Filter>, FilterError> {
     match spec.name.as_str() {
         "stats" => Ok(Arc::new(Stats::new(spec, num_queues)?)),
-        "throttle" => Ok(Arc::new(Throttle::new(spec)?)),
+        "throttle" => Ok(Arc::new(Throttle::new(spec, num_queues)?)),
         other => Err(FilterError::Unknown(other.to_string())),
     }
 }
