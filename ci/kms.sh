@@ -19,6 +19,8 @@ dir=$(cd "$dir" && pwd)
 
 PINS="pykmip==0.11.0 cryptography==50.0.2 SQLAlchemy==2.1.9 six==1.17.0 requests==2.34.2 cffi==2.1.1 pycparser==3.12 typing_extensions==4.16.0 certifi==2026.10.19.post1 charset-normalizer==3.5.3 idna==3.20 urllib3==2.8.0 enum-compat==0.0.3"
 
+PROM_PIN="prometheus-client==0.21.1"
+
 cert() { # name cn eku ca
   local name=$1 cn=$2 eku=$3 ca=$4 san=${5:-}
   openssl ecparam -name prime256v1 -genkey -noout -out "$dir/$name.ec.key" 2>/dev/null
@@ -52,6 +54,10 @@ setup)
     python3 -m venv "$dir/venv"
     # shellcheck disable=SC2086
     "$dir/venv/bin/pip" install -q --disable-pip-version-check $PINS
+  fi
+  # The control socket tests parse `metrics` with Prometheus' own parser.
+  if ! "$dir/venv/bin/python" -c "import prometheus_client" 2>/dev/null; then
+    "$dir/venv/bin/pip" install -q --disable-pip-version-check "$PROM_PIN"
   fi
   if [ ! -f "$dir/client.crt" ]; then
     echo "kms: making certificates in $dir"

@@ -111,6 +111,12 @@ pub struct ServeOptions {
     #[arg(long, value_name = "US")]
     pub poll_us: Option<u64>,
 
+    /// Control socket (JSON-RPC 2.0, one object per line): status,
+    /// query-stats, metrics, set-throttle. Same mode and group as the
+    /// vhost-user socket. `vmcrypt ctl` is its client.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
     /// Permissions of the socket, octal [default: 0600].
     #[arg(long, value_name = "MODE")]
     pub socket_mode: Option<String>,
@@ -200,6 +206,9 @@ impl ServeOptions {
                 self.filters
             },
             poll_us: self.poll_us.or(file.poll_us),
+            control: self
+                .control
+                .or_else(|| file.control.map(|p| relative_to(&path, p))),
             socket_mode: self.socket_mode.or(file.socket_mode),
             socket_group: self.socket_group.or(file.socket_group),
             log_level: self.log_level.or(file.log_level),
@@ -261,6 +270,7 @@ pub struct ServeConfig {
     pub filters: Vec<FilterSpec>,
     pub socket_mode: u32,
     pub socket_group: Option<String>,
+    pub control: Option<PathBuf>,
     pub poll_us: u64,
     pub keys: crate::keys::KeySource,
     pub seccomp: crate::seccomp::SeccompMode,
@@ -363,6 +373,7 @@ impl TryFrom<ServeOptions> for ServeConfig {
             filters,
             socket_mode,
             socket_group: o.socket_group,
+            control: o.control,
             keys: crate::keys::KeySource {
                 passphrase_file: o.passphrase_file,
                 keystore: o.keystore,

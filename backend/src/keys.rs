@@ -317,21 +317,53 @@ pub fn descriptor_key(
     Ok((descriptor, provider, passphrase))
 }
 
+/// Where an image's key came from (no secret: for status and logs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyOrigin {
+    /// The key provider, as it describes itself, or the passphrase file.
+    pub provider: String,
+    /// The KEK's id at the provider (none for a passphrase file).
+    pub key_id: Option<String>,
+}
+
+/// An unlocked LUKS image.
+pub struct Unlocked {
+    pub header: Header,
+    pub key: MasterKey,
+    pub origin: KeyOrigin,
+}
+
 /// Opens the LUKS header of `image` and unlocks its master key.
-pub fn unlock(
-    image: &Path,
-    file: &File,
-    source: &KeySource,
-) -> Result<(Header, MasterKey), KeyError> {
+pub fn unlock(image: &Path, file: &File, source: &KeySource) -> Result<Unlocked, KeyError> {
     let luks_err = |source| KeyError::Luks {
         path: image.into(),
         source,
     };
     let luks = Luks::open_with_limit(file, image, source.max_iterations).map_err(luks_err)?;
-    let passphrase = passphrase_for(image, &luks.header, source)?;
+    let (passphrase, origin) = match &source.passphrase_file {
+        Some(p) => (
+            read_passphrase_file(p)?,
+            KeyOrigin {
+                provider: format!("passphrase file {}", p.display()),
+                key_id: None,
+            },
+        ),
+        None => {
+            let (descriptor, provider, passphrase) = descriptor_key(image, &luks.header, source)?;
+            let origin = KeyOrigin {
+                provider: provider.describe(),
+                key_id: Some(descriptor.key_id),
+            };
+            (passphrase, origin)
+        }
+    };
     let (key, slot) = luks.unlock(&passphrase).map_err(luks_err)?;
     tracing::info!(slot, uuid = %luks.header.uuid, "opened the image's key slot");
-    Ok((luks.header, key))
+    Ok(Unlocked {
+        header: luks.header,
+        key,
+        origin,
+    })
 }
 
 #[cfg(test)]

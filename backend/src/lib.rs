@@ -34,6 +34,7 @@ macro_rules! warn_limited {
 
 pub mod commands;
 pub mod config;
+pub mod control;
 pub mod device;
 pub mod direct;
 pub mod dirty;
@@ -42,6 +43,7 @@ pub mod handover;
 pub mod inflight;
 pub mod keys;
 pub mod listen;
+pub mod metrics;
 pub mod request;
 pub mod seccomp;
 pub mod server;

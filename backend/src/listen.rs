@@ -183,7 +183,11 @@ fn adopt(fd: RawFd) -> Result<UnixListener, String> {
 /// Creates the listening socket at `path` with `mode`: a stale socket file
 /// is replaced, a live one (another daemon serving it) or any other file is
 /// not.
-fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, ListenError> {
+pub(crate) fn bind(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+) -> Result<UnixListener, ListenError> {
     let err = |reason: String| ListenError::Path {
         path: path.into(),
         reason,

@@ -113,6 +113,24 @@ enum Command {
         kms_deadline: u64,
     },
 
+    /// Ask a running `serve --control PATH` something, or change a setting.
+    ///
+    /// Methods: status, query-stats, metrics (Prometheus text),
+    /// set-throttle (e.g. `total_iops_sec=1000 write_bytes_sec=50M`; 0
+    /// removes a limit). Parameters are key=value; sizes take K/M/G/T.
+    Ctl {
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Print the raw JSON result instead of readable text.
+        #[arg(long)]
+        json: bool,
+        /// status, query-stats, metrics or set-throttle.
+        method: String,
+        /// key=value parameters.
+        params: Vec<String>,
+    },
+
     /// KMS tools.
     #[command(subcommand)]
     Kms(KmsCommand),
@@ -148,6 +166,23 @@ enum KmsCommand {
         #[arg(long, value_name = "FILE")]
         kms: PathBuf,
     },
+}
+
+fn ctl(control: &std::path::Path, json: bool, method: &str, params: &[String]) -> ExitCode {
+    use vmcrypt::control::client::{self, Client};
+    let result = client::params(params)
+        .and_then(|p| Client::connect(control).and_then(|mut c| c.call(method, p)));
+    match result {
+        Ok(v) if json => {
+            println!("{v:#}");
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            print!("{}", client::readable(method, &v));
+            ExitCode::SUCCESS
+        }
+        Err(e) => report(&e),
+    }
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -213,6 +248,12 @@ fn main() -> ExitCode {
                 Err(e) => report(&e),
             }
         }
+        Command::Ctl {
+            control,
+            json,
+            method,
+            params,
+        } => ctl(&control, json, &method, &params),
         Command::Create {
             image,
             size,

@@ -139,6 +139,9 @@ pub struct Request {
     pub(crate) status_addr: GuestAddress,
     /// Bytes written into guest buffers, reported in the used ring.
     pub(crate) written: u32,
+    /// `op` was read from this chain's header (a refused chain may stop
+    /// before it is).
+    pub(crate) op_known: bool,
     /// The guest ranges the device writes through `iovs` (reads, GET_ID),
     /// logged as dirty while QEMU migrates.
     pub(crate) dirty: Vec<(GuestAddress, usize)>,
@@ -156,6 +159,7 @@ impl Default for Request {
             head: 0,
             status_addr: GuestAddress(0),
             written: 0,
+            op_known: false,
             dirty: Vec::new(),
         }
     }
@@ -223,6 +227,7 @@ pub fn parse(
     req.dirty.clear();
     req.bounce = None;
     req.written = 0;
+    req.op_known = false;
 
     let regions = Regions::collect(descs, limits)?;
     let count = regions.count;
@@ -251,6 +256,7 @@ pub fn parse(
         VIRTIO_BLK_T_WRITE_ZEROES => Op::WriteZeroes { unmap: false },
         _ => return Err(refuse(Status::Unsupp, "unsupported request type")),
     };
+    req.op_known = true;
     if limits.read_only && req.op.is_write() {
         return Err(refuse(Status::IoErr, "write to a read-only disk"));
     }

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::Listener;
@@ -10,11 +11,12 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 
 use crate::config::{CacheMode, ImageSpec, ServeConfig};
+use crate::control::{Control, StatusInfo};
 use crate::device::{BlockDevice, DeviceSettings};
 use crate::direct::{self, DirectError, DirectIo};
-use crate::filter::{self, Encrypt, Filter};
+use crate::filter::{self, Encrypt, Filter, Throttle};
 use crate::handover::Handover;
-use crate::keys::{self, ImageFormat, KeyError};
+use crate::keys::{self, ImageFormat, KeyError, KeyOrigin};
 use crate::listen::{self, ListenError, Listening};
 use crate::request::{Limits, ID_BYTES};
 use crate::storage::{self, Image, StorageError};
@@ -42,6 +44,8 @@ pub enum ServeError {
     Signals(io::Error),
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("control socket: {0}")]
+    Control(#[source] io::Error),
 }
 
 /// Largest data segment we accept, and the most segments per request.
@@ -55,6 +59,8 @@ const MAX_WRITE_ZEROES: u64 = 8 << 20;
 struct Shared {
     /// The socket file to remove at shutdown, if vmcrypt created it.
     socket: Option<PathBuf>,
+    /// The control socket, removed at shutdown.
+    control: Option<SocketFile>,
     image: Arc<Image>,
     filters: Vec<Arc<dyn Filter>>,
     /// The device of the connected frontend, if any.
@@ -79,19 +85,49 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     r
 }
 
+/// What `serve` found out while opening the image, for the control socket.
+struct Opened {
+    image: Image,
+    filters: Vec<Arc<dyn Filter>>,
+    /// The pipeline's throttle, if it has one.
+    throttle: Option<Arc<Throttle>>,
+    format: &'static str,
+    key: Option<KeyOrigin>,
+}
+
 fn open_and_serve(cfg: ServeConfig, listening: Listening) -> Result<(), ServeError> {
-    let mut filters = cfg
-        .filters
-        .iter()
-        .map(|spec| filter::build(spec, usize::from(cfg.num_queues)))
-        .collect::<Result<Vec<Arc<dyn Filter>>, _>>()?;
-    let image = match &cfg.image {
-        ImageSpec::Null { size } => Image::Null { capacity: *size },
+    let opened = open(&cfg)?;
+    serve_image(cfg, listening, opened)
+}
+
+/// Builds the filters and opens the image (unlocking it for a LUKS one).
+fn open(cfg: &ServeConfig) -> Result<Opened, ServeError> {
+    let queues = usize::from(cfg.num_queues);
+    let mut throttle: Option<Arc<Throttle>> = None;
+    let mut filters: Vec<Arc<dyn Filter>> = Vec::with_capacity(cfg.filters.len() + 2);
+    for spec in &cfg.filters {
+        if spec.name == "throttle" && throttle.is_none() {
+            let t = Arc::new(Throttle::new(spec, queues)?);
+            throttle = Some(t.clone());
+            filters.push(t);
+        } else {
+            filters.push(filter::build(spec, queues)?);
+        }
+    }
+    // The control socket's set-throttle needs a throttle in the pipeline:
+    // without a configured one, one with no limits goes first.
+    if cfg.control.is_some() && throttle.is_none() {
+        let t = Arc::new(Throttle::unlimited(queues));
+        filters.insert(0, t.clone());
+        throttle = Some(t);
+    }
+    let (image, format, key) = match &cfg.image {
+        ImageSpec::Null { size } => (Image::Null { capacity: *size }, "raw", None),
         ImageSpec::File(path) => {
             let file = storage::open(path, cfg.read_only)?;
             match keys::decide_format(path, &file, cfg.format, &cfg.keys)? {
                 ImageFormat::Luks => {
-                    let (header, key) = keys::unlock(path, &file, &cfg.keys)?;
+                    let unlocked = keys::unlock(path, &file, &cfg.keys)?;
                     if vmcrypt_crypto::locked::lock_failed() {
                         tracing::warn!(
                             "cannot lock key memory (RLIMIT_MEMLOCK too small?): keys may reach swap; \
@@ -99,23 +135,33 @@ fn open_and_serve(cfg: ServeConfig, listening: Listening) -> Result<(), ServeErr
                         );
                     }
                     filters.push(Arc::new(
-                        Encrypt::new(key).map_err(|e| ServeError::Key(KeyError::BadDataKey(e)))?,
+                        Encrypt::new(unlocked.key)
+                            .map_err(|e| ServeError::Key(KeyError::BadDataKey(e)))?,
                     ));
-                    let direct = open_direct(&cfg, path, header.payload_bytes())?;
-                    Image::from_file(file, path, header.payload_bytes(), cfg.block_size, direct)?
+                    let payload = unlocked.header.payload_bytes();
+                    let direct = open_direct(cfg, path, payload)?;
+                    let image = Image::from_file(file, path, payload, cfg.block_size, direct)?;
+                    (image, "luks1", Some(unlocked.origin))
                 }
                 ImageFormat::Raw => {
-                    let direct = open_direct(&cfg, path, 0)?;
+                    let direct = open_direct(cfg, path, 0)?;
                     // Guest buffers direct I/O cannot take are bounced.
                     if let Some(d) = &direct {
                         filters.push(Arc::new(filter::Align::new(d.align)));
                     }
-                    Image::from_file(file, path, 0, cfg.block_size, direct)?
+                    let image = Image::from_file(file, path, 0, cfg.block_size, direct)?;
+                    (image, "raw", None)
                 }
             }
         }
     };
-    serve_image(cfg, listening, Arc::new(image), filters)
+    Ok(Opened {
+        image,
+        filters,
+        throttle,
+        format,
+        key,
+    })
 }
 
 /// With `--cache none`, the image's O_DIRECT descriptor for the data path.
@@ -136,13 +182,10 @@ fn open_direct(
     Ok(Some(d))
 }
 
-/// Serves an opened image through `filters` on `listening`.
-fn serve_image(
-    cfg: ServeConfig,
-    listening: Listening,
-    image: Arc<Image>,
-    filters: Vec<Arc<dyn Filter>>,
-) -> Result<(), ServeError> {
+/// Serves an opened image through its filters on `listening`.
+fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result<(), ServeError> {
+    let image = Arc::new(opened.image);
+    let filters = opened.filters;
     let mut serial = [0u8; ID_BYTES];
     serial[..cfg.serial.len()].copy_from_slice(cfg.serial.as_bytes());
     let disk = Arc::new(DiskInfo {
@@ -161,7 +204,42 @@ fn serve_image(
         },
         serial,
         write_cache: Default::default(),
+        metrics: Arc::new(crate::metrics::DiskMetrics::new(usize::from(
+            cfg.num_queues,
+        ))),
     });
+    let connected = Arc::new(AtomicBool::new(false));
+    // The control socket is bound now, while binding is still allowed.
+    let control = match &cfg.control {
+        Some(path) => {
+            let listener = listen::bind(path, cfg.socket_mode, cfg.socket_group.as_deref())?;
+            let control = Control {
+                info: StatusInfo {
+                    image: match &cfg.image {
+                        ImageSpec::File(p) => p.display().to_string(),
+                        ImageSpec::Null { size } => format!("null:{size}"),
+                    },
+                    format: opened.format,
+                    capacity: image.capacity(),
+                    block_size: cfg.block_size,
+                    queues: usize::from(cfg.num_queues),
+                    read_only: cfg.read_only,
+                    cache: match cfg.cache {
+                        CacheMode::Writeback => "writeback",
+                        CacheMode::None => "none",
+                    },
+                    filters: filters.iter().map(|f| f.name().to_string()).collect(),
+                    key: opened.key.clone(),
+                },
+                metrics: disk.metrics.clone(),
+                throttle: opened.throttle.clone().expect("a throttle with --control"),
+                connected: connected.clone(),
+                started: std::time::Instant::now(),
+            };
+            Some((listener, control, SocketFile(path.clone())))
+        }
+        None => None,
+    };
     let settings = DeviceSettings {
         num_queues: usize::from(cfg.num_queues),
         queue_size: cfg.queue_size,
@@ -172,12 +250,21 @@ fn serve_image(
     // From here on the daemon needs no new files, no network and no new
     // programs: narrow the syscalls it may make.
     crate::seccomp::install(cfg.seccomp)?;
+    let control_file = match control {
+        Some((listener, control, file)) => {
+            crate::control::spawn(listener, control).map_err(ServeError::Control)?;
+            tracing::info!(socket = %file.0.display(), "control socket listening");
+            Some(file)
+        }
+        None => None,
+    };
 
     // Signals are taken by a thread of their own: block them here, before
     // any other thread exists, so every thread inherits the mask.
     let sigset = block_signals().map_err(ServeError::Signals)?;
     let shared = Arc::new(Shared {
         socket: listening.owned_path.clone(),
+        control: control_file,
         image: image.clone(),
         filters: filters.clone(),
         current: Mutex::new(None),
@@ -218,6 +305,7 @@ fn serve_image(
             continue;
         }
         *lock(&shared.current) = Some(dev.clone());
+        connected.store(true, Ordering::Relaxed);
         tracing::info!("frontend connected");
         match daemon.wait() {
             Ok(())
@@ -231,7 +319,18 @@ fn serve_image(
         // and released for whichever daemon runs the device next.
         dev.shut();
         *lock(&shared.current) = None;
+        connected.store(false, Ordering::Relaxed);
         // Dropping the daemon joins the queue threads and unmaps guest memory.
+    }
+}
+
+/// A socket file vmcrypt bound: removed when `serve` returns with an
+/// error (shutdown removes it by hand, as it exits without unwinding).
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -275,6 +374,9 @@ fn shutdown(shared: &Shared, sig: libc::c_int) -> ! {
     tracing::info!(signal = sig, "shutting down: completing requests in flight");
     if let Some(path) = &shared.socket {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(file) = &shared.control {
+        let _ = std::fs::remove_file(&file.0);
     }
     if let Some(dev) = lock(&shared.current).as_ref() {
         dev.stop();

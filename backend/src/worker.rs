@@ -23,6 +23,7 @@ use crate::dirty::DirtyLog;
 use crate::filter::{Outcome, Pipeline};
 use crate::handover::Handover;
 use crate::inflight::QueueInflight;
+use crate::metrics::QueueMetrics;
 use crate::request::chain::Chain;
 use crate::request::{self, Iov, Limits, Op, ParseError, Request, Status, ID_BYTES};
 use crate::storage::{IoOp, QueueStorage, Submitted};
@@ -69,6 +70,8 @@ pub struct DiskInfo {
     pub serial: [u8; ID_BYTES],
     /// The guest's cache mode, which it may change while running.
     pub write_cache: WriteCache,
+    /// Counters and latencies per queue, kept across connections.
+    pub metrics: Arc<crate::metrics::DiskMetrics>,
 }
 
 /// `writeback` in the config space (VIRTIO_BLK_F_CONFIG_WCE). Off
@@ -96,6 +99,8 @@ impl WriteCache {
 pub struct QueueWorker {
     index: usize,
     disk: Arc<DiskInfo>,
+    /// This queue's counters (this thread is their only writer).
+    metrics: Arc<QueueMetrics>,
     mem: GuestMemAtomic,
     pipeline: Pipeline,
     storage: QueueStorage,
@@ -149,6 +154,7 @@ impl QueueWorker {
     ) -> io::Result<Self> {
         Ok(QueueWorker {
             index,
+            metrics: disk.metrics.queues[index].clone(),
             disk,
             mem,
             pipeline,
@@ -420,10 +426,11 @@ impl QueueWorker {
         now: Instant,
     ) {
         let idx = self.alloc_slot();
+        self.metrics.take();
         let slot = &mut self.slots[idx];
+        slot.req.started = now;
         match request::parse(mem, head, descs, &self.disk.limits, &mut slot.req) {
             Ok(()) => {
-                slot.req.started = now;
                 slot.mem = Some(mem.clone());
                 slot.stage = 0;
                 slot.done = 0;
@@ -571,6 +578,12 @@ impl QueueWorker {
             ParseError::Refused { status, .. } => Some(status),
             ParseError::Broken(_) => None,
         };
+        let req = &self.slots[idx].req;
+        match status {
+            // A request of a known type that fails: counted as one.
+            Some(st) if req.op_known => self.metrics.complete(req.op, 0, st, req.started.elapsed()),
+            _ => self.metrics.refuse(),
+        }
         self.give_back(idx, status, 0, queue, mem);
     }
 
@@ -898,6 +911,9 @@ impl QueueWorker {
     fn finish(&mut self, idx: usize, status: Status, queue: &mut Queue, mem: &GuestMem) {
         let slot = &mut self.slots[idx];
         let status = self.pipeline.complete(&mut slot.req, slot.stage, status);
+        let req = &slot.req;
+        self.metrics
+            .complete(req.op, req.len, status, req.started.elapsed());
         let written = if status == Status::Ok {
             slot.req.written
         } else {

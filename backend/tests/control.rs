@@ -1,0 +1,385 @@
+//! `serve --control`: the JSON-RPC control socket, driven beside a libblkio
+//! frontend doing I/O.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blkio::{Completion, ReqFlags};
+use common::*;
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+
+/// A raw JSON-RPC connection.
+struct Rpc {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    id: u64,
+}
+
+impl Rpc {
+    fn connect(path: &Path) -> Rpc {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Rpc {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+            id: 0,
+        }
+    }
+
+    /// Sends `line` as it is and returns the answer line, parsed.
+    fn raw(&mut self, line: &[u8]) -> Value {
+        self.writer.write_all(line).unwrap();
+        self.writer.write_all(b"\n").unwrap();
+        let mut answer = String::new();
+        assert!(self.reader.read_line(&mut answer).unwrap() > 0, "no answer");
+        serde_json::from_str(&answer).unwrap()
+    }
+
+    /// Calls `method`; the whole answer.
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.id += 1;
+        let req = json!({"jsonrpc": "2.0", "id": self.id, "method": method, "params": params});
+        let a = self.raw(req.to_string().as_bytes());
+        assert_eq!(a["id"], self.id, "{a}");
+        a
+    }
+
+    fn result(&mut self, method: &str, params: Value) -> Value {
+        let a = self.call(method, params);
+        assert!(a.get("error").is_none(), "{method}: {a}");
+        a["result"].clone()
+    }
+}
+
+fn serve(dir: &Path, extra: &[&str]) -> (Daemon, PathBuf) {
+    let img = sparse_image(dir, 16 * MIB);
+    let control = dir.join("control.sock");
+    let mut args = vec![
+        "--image",
+        img.to_str().unwrap(),
+        "--control",
+        control.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let d = Daemon::start(dir, "vmcrypt", &args);
+    d.wait_for_log("control socket listening");
+    (d, control)
+}
+
+#[test]
+fn query_stats_counts_what_the_client_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, control) = serve(dir.path(), &["--num-queues", "2"]);
+    let mut rpc = Rpc::connect(&control);
+    let before = rpc.result("query-stats", json!({}));
+    assert_eq!(before["total"]["read_ops"], 0);
+
+    let mut f = Frontend::connect(&d.socket, 2, 2 * MIB as usize);
+    for i in 0..5u64 {
+        assert_eq!(f.write(0, i * 8192, 0, 8192), 0);
+    }
+    for i in 0..3u64 {
+        assert_eq!(f.read(1, i * 4096, 0, 4096), 0);
+    }
+    assert_eq!(f.flush(1), 0);
+    f.queues[0].discard(0, 65536, 0, ReqFlags::empty());
+    assert_eq!(f.wait(0), 0);
+    // Past the end of the disk: an error.
+    assert_ne!(f.read(1, 16 * MIB, 0, 4096), 0);
+
+    let s = rpc.result("query-stats", json!(null));
+    let (q0, q1, t) = (&s["queues"][0], &s["queues"][1], &s["total"]);
+    assert_eq!(
+        (q0["queue"].as_u64(), q1["queue"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(q0["write_ops"], 5);
+    assert_eq!(q0["write_bytes"], 5 * 8192);
+    assert_eq!(q0["discard_ops"], 1);
+    assert_eq!(q0["read_ops"], 0);
+    assert_eq!(q1["read_ops"], 3 + 1);
+    assert_eq!(q1["read_bytes"], 3 * 4096);
+    assert_eq!(q1["flush_ops"], 1);
+    assert_eq!(q1["errors"], 1);
+    assert_eq!(t["write_ops"], 5);
+    assert_eq!(t["read_ops"], 4);
+    assert_eq!(t["errors"], 1);
+    assert_eq!(t["in_flight"], 0);
+    let p50 = t["latency_us"]["write"]["p50"].as_f64().unwrap();
+    let p999 = t["latency_us"]["write"]["p999"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 <= p999, "{t}");
+
+    // The same figures as Prometheus text, checked by Prometheus' parser.
+    let text = rpc.result("metrics", json!({}));
+    let text = text.as_str().unwrap();
+    let samples = parse_prometheus(text);
+    let sample = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
+            .2
+    };
+    assert_eq!(
+        sample("vmcrypt_requests_total", &[("queue", "0"), ("op", "write")]),
+        5.0
+    );
+    assert_eq!(
+        sample("vmcrypt_bytes_total", &[("queue", "1"), ("op", "read")]),
+        12288.0
+    );
+    assert_eq!(
+        sample("vmcrypt_errors_total", &[("queue", "1"), ("op", "read")]),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            "vmcrypt_request_duration_seconds_count",
+            &[("queue", "0"), ("op", "write")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        sample(
+            "vmcrypt_request_duration_seconds_bucket",
+            &[("queue", "0"), ("op", "write"), ("le", "+Inf")]
+        ),
+        5.0
+    );
+    assert_eq!(sample("vmcrypt_capacity_bytes", &[]), (16 * MIB) as f64);
+    assert_eq!(sample("vmcrypt_frontend_connected", &[]), 1.0);
+    drop(f);
+}
+
+/// Samples (name, labels, value) as Prometheus' Python client parses them.
+fn parse_prometheus(text: &str) -> Vec<(String, std::collections::HashMap<String, String>, f64)> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kms/venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run `bash ci/kms.sh setup target/kms` (ci/test.sh does)",
+        python.display()
+    );
+    let script = r#"
+import sys, json
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let mut child = Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused:\n{text}"
+    );
+    let v: Vec<(String, std::collections::HashMap<String, String>, f64)> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!v.is_empty());
+    v
+}
+
+#[test]
+fn status_tells_what_is_served_and_never_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, control) = serve(dir.path(), &["--read-only", "--filter", "stats"]);
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode");
+    let mut rpc = Rpc::connect(&control);
+    let s = rpc.result("status", json!({}));
+    assert_eq!(s["format"], "raw");
+    assert_eq!(s["capacity"], 16 * MIB);
+    assert_eq!(s["block_size"], 512);
+    assert_eq!(s["read_only"], true);
+    assert_eq!(s["frontend_connected"], false);
+    // The throttle set-throttle needs, with no limit, first.
+    assert_eq!(s["filters"], json!(["throttle", "stats"]));
+    assert_eq!(s["throttle"], json!({}));
+    assert_eq!(s["key_id"], Value::Null);
+    assert!(s["image"].as_str().unwrap().ends_with("disk.img"));
+    assert!(s["uptime_s"].as_f64().unwrap() >= 0.0);
+    let _f = Frontend::connect_with(&d.socket, 1, MIB as usize, true);
+    assert_eq!(rpc.result("status", json!({}))["frontend_connected"], true);
+
+    // The ctl client prints it readably, and the raw result with --json.
+    let out = Command::new(BIN)
+        .args(["ctl", "--control", control.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("format: raw"), "{text}");
+    let out = Command::new(BIN)
+        .args([
+            "ctl",
+            "--json",
+            "--control",
+            control.to_str().unwrap(),
+            "query-stats",
+        ])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["total"]["read_ops"].as_u64().is_some());
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_disk_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, control) = serve(dir.path(), &[]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    let mut rpc = Rpc::connect(&control);
+    let code = |a: &Value| {
+        a["error"]["code"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no error: {a}"))
+    };
+    let message = |a: &Value| a["error"]["message"].as_str().unwrap().to_string();
+
+    let a = rpc.call("no-such-method", json!({}));
+    assert_eq!(code(&a), -32601);
+    assert!(message(&a).contains("no-such-method"));
+    let a = rpc.call("set-throttle", json!({"total_iops_sec": "fast"}));
+    assert_eq!(code(&a), -32602);
+    assert!(message(&a).contains("total_iops_sec"), "{a}");
+    let a = rpc.call("set-throttle", json!({"iops": 5}));
+    assert_eq!(code(&a), -32602);
+    assert!(message(&a).contains("unknown limit 'iops'"), "{a}");
+    let a = rpc.call("set-throttle", json!([1, 2]));
+    assert_eq!(code(&a), -32602);
+    let a = rpc.call("status", json!({"verbose": true}));
+    assert_eq!(code(&a), -32602);
+    assert_eq!(code(&rpc.raw(b"{this is not json")), -32700);
+    assert_eq!(code(&rpc.raw(br#"{"id":1,"method":"status"}"#)), -32600);
+    // An oversized line: an error for it, and the connection goes on.
+    let mut big = br#"{"jsonrpc":"2.0","id":9,"method":"status","params":{"x":""#.to_vec();
+    big.resize(200_000, b'a');
+    big.extend_from_slice(br#""}}"#);
+    let a = rpc.raw(&big);
+    assert_eq!(code(&a), -32600);
+    assert!(message(&a).contains("longer than"), "{a}");
+    assert_eq!(rpc.result("status", json!({}))["format"], "raw");
+    // A client that hangs up mid-line harms nothing.
+    {
+        let mut s = UnixStream::connect(&control).unwrap();
+        s.write_all(br#"{"jsonrpc":"2.0","id":1,"me"#).unwrap();
+    }
+    // Several clients at once.
+    let mut others: Vec<Rpc> = (0..4).map(|_| Rpc::connect(&control)).collect();
+    for (i, o) in others.iter_mut().enumerate() {
+        assert_eq!(
+            o.result("query-stats", json!({}))["queues"][0]["queue"],
+            0,
+            "client {i}"
+        );
+    }
+    // The disk still serves.
+    f.buf(0, 4096).copy_from_slice(&pattern(5, 4096));
+    assert_eq!(f.write(0, 0, 0, 4096), 0);
+    assert_eq!(f.read(0, 0, 8192, 4096), 0);
+    assert_eq!(f.buf(8192, 4096), &pattern(5, 4096)[..]);
+    assert!(d.child_alive());
+}
+
+/// Reads at QD8 on queue 0 for `dur`; IOPS.
+fn read_iops(f: &mut Frontend, dur: Duration) -> f64 {
+    let mut comps: Vec<std::mem::MaybeUninit<Completion>> =
+        (0..8).map(|_| std::mem::MaybeUninit::uninit()).collect();
+    for i in 0..8u64 {
+        let p = f.ptr(i as usize * 4096);
+        f.queues[0].read(i * 4096, p, 4096, i as usize, ReqFlags::empty());
+    }
+    let start = Instant::now();
+    let mut done = 0u64;
+    while start.elapsed() < dur {
+        let mut t = Duration::from_secs(5);
+        let n = f.queues[0]
+            .do_io(&mut comps, 1, Some(&mut t), None)
+            .unwrap();
+        for c in &comps[..n] {
+            // SAFETY: do_io initialised the first n completions.
+            let c = unsafe { c.assume_init_read() };
+            assert_eq!(c.ret, 0);
+            done += 1;
+            let i = c.user_data;
+            let p = f.ptr(i * 4096);
+            f.queues[0].read(i as u64 * 4096, p, 4096, i, ReqFlags::empty());
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut t = Duration::from_secs(5);
+    let _ = f.queues[0].do_io(&mut comps, 8, Some(&mut t), None);
+    done as f64 / elapsed
+}
+
+/// set-throttle on a daemon started without a throttle: the new limit holds
+/// within 10% with I/O running, and 0 removes it.
+#[test]
+fn set_throttle_changes_the_limit_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, control) = serve(dir.path(), &[]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    let mut rpc = Rpc::connect(&control);
+    let free = read_iops(&mut f, Duration::from_millis(500));
+
+    let limit = 300.0;
+    let r = rpc.result("set-throttle", json!({"total_iops_sec": limit as u64}));
+    assert_eq!(r["throttle"]["total_iops_sec"], limit as u64);
+    read_iops(&mut f, Duration::from_millis(300)); // past the burst
+    let iops = read_iops(&mut f, Duration::from_secs(3));
+    assert!(
+        (iops - limit).abs() <= limit * 0.1,
+        "{iops:.0} IOPS with a limit of {limit} (unthrottled: {free:.0})"
+    );
+    // Through the ctl client, with a size suffix, then removed.
+    let out = Command::new(BIN)
+        .args([
+            "ctl",
+            "--control",
+            control.to_str().unwrap(),
+            "set-throttle",
+            "total_iops_sec=0",
+            "read_bytes_sec=1M",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = rpc.result("status", json!({}));
+    assert_eq!(s["throttle"], json!({"read_bytes_sec": 1 << 20}));
+    rpc.result("set-throttle", json!({"read_bytes_sec": 0}));
+    let after = read_iops(&mut f, Duration::from_millis(500));
+    assert!(
+        after > 3.0 * limit,
+        "{after:.0} IOPS after the limit was removed"
+    );
+    assert!(d.log_text().contains("throttle limits changed"));
+}
