@@ -44,6 +44,7 @@ pub mod inflight;
 pub mod keys;
 pub mod listen;
 pub mod metrics;
+pub mod notify;
 pub mod request;
 pub mod seccomp;
 pub mod server;

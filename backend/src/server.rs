@@ -285,6 +285,7 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
         filters = ?filters.iter().map(|f| f.name()).collect::<Vec<_>>(),
         "serving; waiting for a frontend"
     );
+    crate::notify::notify("READY=1");
     let handover = Arc::new(Handover::new(image.clone(), cfg.read_only));
     let mut listener = Listener::from(listening.listener);
     loop {
@@ -372,6 +373,7 @@ fn signal_loop(set: libc::sigset_t, shared: &Shared) {
 /// SIGINT/SIGTERM: stop accepting, complete what is in flight, flush, exit 0.
 fn shutdown(shared: &Shared, sig: libc::c_int) -> ! {
     tracing::info!(signal = sig, "shutting down: completing requests in flight");
+    crate::notify::notify("STOPPING=1");
     if let Some(path) = &shared.socket {
         let _ = std::fs::remove_file(path);
     }

@@ -198,3 +198,48 @@ fn what_is_not_a_listening_unix_socket_is_refused_in_one_line() {
         assert_eq!(text.trim().lines().count(), 1, "{text}");
     }
 }
+
+/// `Type=notify`: READY=1 reaches the NOTIFY_SOCKET listener once the
+/// socket serves (a path socket and an abstract one), STOPPING=1 when
+/// SIGTERM comes.
+#[test]
+fn ready_and_stopping_are_sent_to_notify_socket() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = sparse_image(dir.path(), 8 * MIB);
+    let abstract_name = format!("vmcrypt-test-{}", std::process::id());
+    let path_listener = dir.path().join("notify");
+    for (addr_env, listener) in [
+        (
+            path_listener.to_str().unwrap().to_string(),
+            UnixDatagram::bind(&path_listener).unwrap(),
+        ),
+        (
+            format!("@{abstract_name}"),
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(&abstract_name).unwrap())
+                .unwrap(),
+        ),
+    ] {
+        listener
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let socket = dir.path().join("s.sock");
+        let log = dir.path().join("notify.log");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--image", img.to_str().unwrap(), "--socket"])
+            .arg(&socket)
+            .env("NOTIFY_SOCKET", &addr_env);
+        let mut child = spawn_with_fds(cmd, &[], &log);
+        let mut buf = [0u8; 256];
+        let n = listener.recv(&mut buf).expect("READY=1 within 20 s");
+        assert_eq!(&buf[..n], b"READY=1", "{addr_env}");
+        // Ready means serving: the socket answers at once.
+        write_read(&socket, &img, 3);
+        wait_for_log(&mut child, &log, "frontend disconnected");
+        assert!(terminate(child).success());
+        let n = listener.recv(&mut buf).expect("STOPPING=1");
+        assert_eq!(&buf[..n], b"STOPPING=1");
+    }
+}
