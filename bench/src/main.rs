@@ -59,6 +59,11 @@ struct Args {
     /// `cache.direct=on,aio=io_uring`).
     #[arg(long, default_value = "writeback", value_parser = ["writeback", "none"])]
     cache: String,
+    /// Ask each vmcrypt for `query-stats` on its control socket every this
+    /// many milliseconds while it is measured, as monitoring would (the
+    /// README's figure uses 100).
+    #[arg(long, value_name = "MS")]
+    poll_stats_ms: Option<u64>,
     /// The vmcrypt binary [default: the one built beside this benchmark].
     #[arg(long)]
     vmcrypt: Option<PathBuf>,
@@ -289,6 +294,9 @@ fn goal_for(name: &str) -> Option<f64> {
 
 fn main() {
     let mut args = Args::parse();
+    if let Some(ms) = args.poll_stats_ms {
+        let _ = server::POLL_STATS_MS.set(ms);
+    }
     if args.quick {
         args.seconds = 0.3;
         args.rounds = 1;

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// What a server serves.
@@ -37,6 +39,42 @@ pub struct ServerSpec {
 pub struct Server {
     child: Child,
     pub socket: PathBuf,
+    /// The thread polling vmcrypt's control socket (`--poll-stats-ms`).
+    poller: Option<(Arc<AtomicBool>, std::thread::JoinHandle<u64>)>,
+}
+
+/// `--poll-stats-ms`: how often to ask vmcrypt for `query-stats` while it
+/// is measured (an operator's monitoring), if at all.
+pub static POLL_STATS_MS: OnceLock<u64> = OnceLock::new();
+
+/// Asks `query-stats` every `ms` until `stop`; returns the answers read.
+fn poll_stats(control: PathBuf, ms: u64, stop: Arc<AtomicBool>) -> u64 {
+    use std::io::{BufRead, BufReader, Write};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stream = loop {
+        match std::os::unix::net::UnixStream::connect(&control) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => panic!("{}: {e}", control.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut n = 0;
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        let req = format!("{{\"jsonrpc\":\"2.0\",\"id\":{n},\"method\":\"query-stats\"}}\n");
+        if writer.write_all(req.as_bytes()).is_err() {
+            break;
+        }
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        n += 1;
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    n
 }
 
 impl Server {
@@ -58,6 +96,9 @@ impl Server {
             Kind::Vmcrypt => {
                 let mut c = Command::new(vmcrypt);
                 c.arg("serve").arg("--socket").arg(&socket);
+                if POLL_STATS_MS.get().is_some() {
+                    c.arg("--control").arg(socket.with_extension("ctl"));
+                }
                 c.args(["--num-queues", &queues.to_string()]);
                 if direct && !matches!(spec.target, Target::Null { .. }) {
                     c.args(["--cache", "none"]);
@@ -116,7 +157,11 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| format!("starting {}: {e}", spec.label))?;
-        let mut s = Server { child, socket };
+        let mut s = Server {
+            child,
+            socket,
+            poller: None,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !s.socket.exists() {
             if let Ok(Some(st)) = s.child.try_wait() {
@@ -129,6 +174,13 @@ impl Server {
         }
         // vmcrypt's socket exists once it listens; QSD's likewise.
         std::thread::sleep(Duration::from_millis(50));
+        if let (Kind::Vmcrypt, Some(&ms)) = (spec.kind, POLL_STATS_MS.get()) {
+            let stop = Arc::new(AtomicBool::new(false));
+            let control = s.socket.with_extension("ctl");
+            let st = stop.clone();
+            let h = std::thread::spawn(move || poll_stats(control, ms, st));
+            s.poller = Some((stop, h));
+        }
         Ok(s)
     }
 
@@ -147,6 +199,11 @@ impl Server {
     }
 
     pub fn stop(mut self) {
+        if let Some((stop, h)) = self.poller.take() {
+            stop.store(true, Ordering::Relaxed);
+            let n = h.join().unwrap_or(0);
+            eprintln!("  (polled query-stats {n} times)");
+        }
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -163,6 +220,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if let Some((stop, _)) = &self.poller {
+            stop.store(true, Ordering::Relaxed);
+        }
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
