@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::request::{Op, Status};
 
-/// The operations counted, in the order of [`OpKind`].
+/// The operations counted, by [`op_index`].
 pub const OP_NAMES: [&str; 6] = [
     "read",
     "write",
@@ -23,20 +23,16 @@ pub const OP_NAMES: [&str; 6] = [
     "get_id",
 ];
 
-/// Index into [`OP_NAMES`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OpKind(usize);
-
-impl From<Op> for OpKind {
-    fn from(op: Op) -> Self {
-        OpKind(match op {
-            Op::Read => 0,
-            Op::Write => 1,
-            Op::Flush => 2,
-            Op::Discard => 3,
-            Op::WriteZeroes { .. } => 4,
-            Op::GetId => 5,
-        })
+/// Where `op` is counted: its index into [`OP_NAMES`] and per-operation
+/// tables.
+pub fn op_index(op: Op) -> usize {
+    match op {
+        Op::Read => 0,
+        Op::Write => 1,
+        Op::Flush => 2,
+        Op::Discard => 3,
+        Op::WriteZeroes { .. } => 4,
+        Op::GetId => 5,
     }
 }
 
@@ -145,7 +141,7 @@ impl QueueMetrics {
     /// A request completed with `status` after `latency`.
     #[inline]
     pub fn complete(&self, op: Op, bytes: u64, status: Status, latency: Duration) {
-        let m = &self.ops[OpKind::from(op).0];
+        let m = &self.ops[op_index(op)];
         m.ops.add(1);
         if status == Status::Ok {
             m.bytes.add(bytes);

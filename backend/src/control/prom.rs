@@ -19,7 +19,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::Control;
-use crate::metrics::{bucket_upper_ns, DiskMetrics, OpMetrics, OP_NAMES};
+use crate::metrics::{bucket_upper_ns, DiskMetrics, OpMetrics, QueueMetrics, OP_NAMES};
 
 /// Histogram bounds exported, in seconds: 10 us to 10 s. The queues'
 /// finer buckets are summed into these (each at its upper bound, so a
@@ -78,6 +78,23 @@ impl Disk {
         }
         Ok(())
     }
+
+    /// One series per queue, labelled `queue`, of `value`.
+    fn per_queue(
+        &self,
+        enc: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        metric_type: MetricType,
+        value: impl Fn(&QueueMetrics, MetricEncoder) -> std::fmt::Result,
+    ) -> std::fmt::Result {
+        let mut m = enc.encode_descriptor(name, help, None, metric_type)?;
+        for (q, qm) in self.metrics.queues.iter().enumerate() {
+            let l = [("queue", q.to_string())];
+            value(qm, m.encode_family(&l)?)?;
+        }
+        Ok(())
+    }
 }
 
 impl Collector for Disk {
@@ -130,30 +147,20 @@ impl Collector for Disk {
                 )
             },
         )?;
-        {
-            let mut m = enc.encode_descriptor(
-                "vmcrypt_refused",
-                "Descriptor chains refused before they became a request",
-                None,
-                MetricType::Counter,
-            )?;
-            for (q, qm) in self.metrics.queues.iter().enumerate() {
-                let l = [("queue", q.to_string())];
-                ConstCounter::new(qm.refused.get()).encode(m.encode_family(&l)?)?;
-            }
-        }
-        {
-            let mut m = enc.encode_descriptor(
-                "vmcrypt_requests_in_flight",
-                "Requests taken from the ring and not yet returned",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (q, qm) in self.metrics.queues.iter().enumerate() {
-                let l = [("queue", q.to_string())];
-                ConstGauge::new(qm.in_flight() as i64).encode(m.encode_family(&l)?)?;
-            }
-        }
+        self.per_queue(
+            &mut enc,
+            "vmcrypt_refused",
+            "Descriptor chains refused before they became a request",
+            MetricType::Counter,
+            |q, f| ConstCounter::new(q.refused.get()).encode(f),
+        )?;
+        self.per_queue(
+            &mut enc,
+            "vmcrypt_requests_in_flight",
+            "Requests taken from the ring and not yet returned",
+            MetricType::Gauge,
+            |q, f| ConstGauge::new(q.in_flight() as i64).encode(f),
+        )?;
         let gauge = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64| {
             ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)
         };

@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{check_keys, Filter, FilterError, FilterSpec, QueueFilter, Verdict};
-use crate::request::{Op, Request, Status};
+use crate::metrics::op_index;
+use crate::request::{Request, Status};
 
 /// Latency buckets: bucket i counts requests that took < 2^i microseconds
 /// (the last one everything slower).
 const BUCKETS: usize = 24;
+/// Log names, by [`op_index`].
 const OPS: [&str; 6] = [
     "read",
     "write",
@@ -18,17 +20,6 @@ const OPS: [&str; 6] = [
     "write-zeroes",
     "get-id",
 ];
-
-fn op_index(op: Op) -> usize {
-    match op {
-        Op::Read => 0,
-        Op::Write => 1,
-        Op::Flush => 2,
-        Op::Discard => 3,
-        Op::WriteZeroes { .. } => 4,
-        Op::GetId => 5,
-    }
-}
 
 #[derive(Default)]
 struct OpStats {
@@ -146,6 +137,7 @@ impl QueueFilter for StatsQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::Op;
 
     #[test]
     fn percentiles_come_from_the_histogram() {
