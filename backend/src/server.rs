@@ -2,6 +2,7 @@
 //! per connection, the image kept open across them), and handles signals.
 
 use std::io;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -211,33 +212,20 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
     let connected = Arc::new(AtomicBool::new(false));
     // The control socket is bound now, while binding is still allowed.
     let control = match &cfg.control {
-        Some(path) => {
-            let listener = listen::bind(path, cfg.socket_mode, cfg.socket_group.as_deref())?;
-            let control = Control {
-                info: StatusInfo {
-                    image: match &cfg.image {
-                        ImageSpec::File(p) => p.display().to_string(),
-                        ImageSpec::Null { size } => format!("null:{size}"),
-                    },
-                    format: opened.format,
-                    capacity: image.capacity(),
-                    block_size: cfg.block_size,
-                    queues: usize::from(cfg.num_queues),
-                    read_only: cfg.read_only,
-                    cache: match cfg.cache {
-                        CacheMode::Writeback => "writeback",
-                        CacheMode::None => "none",
-                    },
-                    filters: filters.iter().map(|f| f.name().to_string()).collect(),
-                    key: opened.key.clone(),
-                },
-                metrics: disk.metrics.clone(),
-                throttle: opened.throttle.clone().expect("a throttle with --control"),
-                connected: connected.clone(),
-                started: std::time::Instant::now(),
-            };
-            Some((listener, control, SocketFile(path.clone())))
-        }
+        Some(path) => Some(bind_control(
+            path,
+            &cfg,
+            status_info(
+                &cfg,
+                opened.format,
+                opened.key.clone(),
+                image.capacity(),
+                &filters,
+            ),
+            opened.throttle.clone(),
+            &disk,
+            &connected,
+        )?),
         None => None,
     };
     let settings = DeviceSettings {
@@ -323,6 +311,55 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
         connected.store(false, Ordering::Relaxed);
         // Dropping the daemon joins the queue threads and unmaps guest memory.
     }
+}
+
+/// What the control socket's `status` reports that does not change.
+fn status_info(
+    cfg: &ServeConfig,
+    format: &'static str,
+    key: Option<KeyOrigin>,
+    capacity: u64,
+    filters: &[Arc<dyn Filter>],
+) -> StatusInfo {
+    StatusInfo {
+        image: match &cfg.image {
+            ImageSpec::File(p) => p.display().to_string(),
+            ImageSpec::Null { size } => format!("null:{size}"),
+        },
+        format,
+        capacity,
+        block_size: cfg.block_size,
+        queues: usize::from(cfg.num_queues),
+        read_only: cfg.read_only,
+        cache: match cfg.cache {
+            CacheMode::Writeback => "writeback",
+            CacheMode::None => "none",
+        },
+        filters: filters.iter().map(|f| f.name().to_string()).collect(),
+        key,
+    }
+}
+
+/// Binds the control socket at `path`; the methods are served once
+/// `control::spawn` is called.
+fn bind_control(
+    path: &std::path::Path,
+    cfg: &ServeConfig,
+    info: StatusInfo,
+    throttle: Option<Arc<Throttle>>,
+    disk: &DiskInfo,
+    connected: &Arc<AtomicBool>,
+) -> Result<(UnixListener, Control, SocketFile), ServeError> {
+    let listener = listen::bind(path, cfg.socket_mode, cfg.socket_group.as_deref())?;
+    let control = Control {
+        info,
+        metrics: disk.metrics.clone(),
+        // `open` puts a throttle in the pipeline whenever --control is set.
+        throttle: throttle.expect("a throttle with --control"),
+        connected: connected.clone(),
+        started: std::time::Instant::now(),
+    };
+    Ok((listener, control, SocketFile(path.into())))
 }
 
 /// A socket file vmcrypt bound: removed when `serve` returns with an
