@@ -8,9 +8,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use blkio::{Completion, ReqFlags};
+use blkio::ReqFlags;
 use common::*;
 use serde_json::{json, Value};
 
@@ -304,37 +304,6 @@ fn bad_requests_get_errors_and_the_disk_keeps_serving() {
     assert_eq!(f.read(0, 0, 8192, 4096), 0);
     assert_eq!(f.buf(8192, 4096), &pattern(5, 4096)[..]);
     assert!(d.child_alive());
-}
-
-/// Reads at QD8 on queue 0 for `dur`; IOPS.
-fn read_iops(f: &mut Frontend, dur: Duration) -> f64 {
-    let mut comps: Vec<std::mem::MaybeUninit<Completion>> =
-        (0..8).map(|_| std::mem::MaybeUninit::uninit()).collect();
-    for i in 0..8u64 {
-        let p = f.ptr(i as usize * 4096);
-        f.queues[0].read(i * 4096, p, 4096, i as usize, ReqFlags::empty());
-    }
-    let start = Instant::now();
-    let mut done = 0u64;
-    while start.elapsed() < dur {
-        let mut t = Duration::from_secs(5);
-        let n = f.queues[0]
-            .do_io(&mut comps, 1, Some(&mut t), None)
-            .unwrap();
-        for c in &comps[..n] {
-            // SAFETY: do_io initialised the first n completions.
-            let c = unsafe { c.assume_init_read() };
-            assert_eq!(c.ret, 0);
-            done += 1;
-            let i = c.user_data;
-            let p = f.ptr(i * 4096);
-            f.queues[0].read(i as u64 * 4096, p, 4096, i, ReqFlags::empty());
-        }
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let mut t = Duration::from_secs(5);
-    let _ = f.queues[0].do_io(&mut comps, 8, Some(&mut t), None);
-    done as f64 / elapsed
 }
 
 /// set-throttle on a daemon started without a throttle: the new limit holds

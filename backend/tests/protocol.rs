@@ -70,6 +70,17 @@ impl Memory {
         }
     }
 
+    /// The whole memfd as one memory-table region at guest address `gpa`.
+    fn region(&self, gpa: u64) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: self.ptr as u64,
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
+    }
+
     /// Copies `len` bytes of guest memory out.
     fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
         assert!(gpa as usize + len <= MEM_SIZE);
@@ -193,13 +204,7 @@ impl Device {
 
     /// Memory table, ring addresses, base, kick and call, enable.
     fn start(&mut self, mem: &Memory, base: u16) {
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: mem.ptr as u64,
-            mmap_offset: 0,
-            mmap_handle: mem.file.as_raw_fd(),
-        };
+        let region = mem.region(0);
         self.fe.set_mem_table(&[region]).unwrap();
         self.fe.set_vring_num(0, QUEUE_SIZE).unwrap();
         let va = |gpa: u64| mem.ptr as u64 + gpa;
@@ -671,13 +676,7 @@ fn a_hostile_frontend_is_refused_and_the_next_one_served() {
     // Ring addresses outside the memory table.
     {
         let mut dev = Device::connect(&d.socket, 0);
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: mem.ptr as u64,
-            mmap_offset: 0,
-            mmap_handle: mem.file.as_raw_fd(),
-        };
+        let region = mem.region(0);
         dev.fe.set_mem_table(&[region]).unwrap();
         dev.fe.set_vring_num(0, QUEUE_SIZE).unwrap();
         let far = mem.ptr as u64 + 64 * MEM_SIZE as u64;
@@ -704,13 +703,7 @@ fn a_hostile_frontend_is_refused_and_the_next_one_served() {
     // Two regions that overlap in guest-physical space.
     {
         let dev = Device::connect(&d.socket, 0);
-        let region = |gpa: u64| VhostUserMemoryRegionInfo {
-            guest_phys_addr: gpa,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: mem.ptr as u64,
-            mmap_offset: 0,
-            mmap_handle: mem.file.as_raw_fd(),
-        };
+        let region = |gpa: u64| mem.region(gpa);
         let _ = dev.fe.set_mem_table(&[region(0), region(0x1000)]);
         drop(dev);
         serves_a_good_frontend(&d, 62);

@@ -4,7 +4,7 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blkio::{Completion, ReqFlags};
 use common::*;
@@ -362,37 +362,8 @@ fn throttle_holds_the_iops_limit() {
     );
     let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
     // Warm up past the initial burst, then measure with 8 requests in flight.
-    let run = |f: &mut Frontend, dur: Duration| {
-        let mut comps: Vec<std::mem::MaybeUninit<Completion>> =
-            (0..8).map(|_| std::mem::MaybeUninit::uninit()).collect();
-        for i in 0..8u64 {
-            let p = f.ptr(i as usize * 4096);
-            f.queues[0].read(i * 4096, p, 4096, i as usize, ReqFlags::empty());
-        }
-        let start = Instant::now();
-        let mut n_done = 0u64;
-        while start.elapsed() < dur {
-            let mut t = Duration::from_secs(5);
-            let n = f.queues[0]
-                .do_io(&mut comps, 1, Some(&mut t), None)
-                .unwrap();
-            for c in &comps[..n] {
-                // SAFETY: do_io initialised the first n completions.
-                let c = unsafe { c.assume_init_read() };
-                assert_eq!(c.ret, 0);
-                n_done += 1;
-                let i = c.user_data;
-                let p = f.ptr(i * 4096);
-                f.queues[0].read(i as u64 * 4096, p, 4096, i, ReqFlags::empty());
-            }
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        let mut t = Duration::from_secs(5);
-        let _ = f.queues[0].do_io(&mut comps, 8, Some(&mut t), None);
-        n_done as f64 / elapsed
-    };
-    run(&mut f, Duration::from_millis(500));
-    let iops = run(&mut f, Duration::from_secs(3));
+    read_iops(&mut f, Duration::from_millis(500));
+    let iops = read_iops(&mut f, Duration::from_secs(3));
     eprintln!("throttled IOPS: {iops:.0} (limit {limit})");
     assert!(
         (iops - limit).abs() <= limit * 0.1,

@@ -239,3 +239,35 @@ pub fn cachestat(file: &std::fs::File, off: u64) -> Option<CacheStat> {
     };
     (r == 0).then_some(st)
 }
+
+/// Reads 4 KiB at QD8 on queue 0 for `dur` (each request resubmitted as
+/// it completes, all of them reaped at the end); IOPS.
+pub fn read_iops(f: &mut Frontend, dur: Duration) -> f64 {
+    let mut comps: Vec<std::mem::MaybeUninit<Completion>> =
+        (0..8).map(|_| std::mem::MaybeUninit::uninit()).collect();
+    for i in 0..8u64 {
+        let p = f.ptr(i as usize * 4096);
+        f.queues[0].read(i * 4096, p, 4096, i as usize, ReqFlags::empty());
+    }
+    let start = Instant::now();
+    let mut done = 0u64;
+    while start.elapsed() < dur {
+        let mut t = Duration::from_secs(5);
+        let n = f.queues[0]
+            .do_io(&mut comps, 1, Some(&mut t), None)
+            .unwrap();
+        for c in &comps[..n] {
+            // SAFETY: do_io initialised the first n completions.
+            let c = unsafe { c.assume_init_read() };
+            assert_eq!(c.ret, 0);
+            done += 1;
+            let i = c.user_data;
+            let p = f.ptr(i * 4096);
+            f.queues[0].read(i as u64 * 4096, p, 4096, i, ReqFlags::empty());
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut t = Duration::from_secs(5);
+    let _ = f.queues[0].do_io(&mut comps, 8, Some(&mut t), None);
+    done as f64 / elapsed
+}
