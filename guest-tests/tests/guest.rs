@@ -34,13 +34,7 @@ exit $rc
 fn raw_disk_boots_and_fio_verify_passes() {
     let (image, accel, _lock) = setup();
     let work = tempfile::tempdir().unwrap();
-    let img = raw_image(work.path(), "disk.img", 256 << 20);
-    let d = Vmcrypt::start(
-        work.path(),
-        "vmcrypt",
-        &["--image", img.to_str().unwrap(), "--num-queues", "2"],
-    )
-    .unwrap();
+    let (_img, d) = start_raw(work.path(), 256 << 20);
     let mut vm = Vm::new(&image, accel);
     vm.disks.push(Disk::new(&d.socket));
     let run = vm
@@ -75,13 +69,7 @@ exit $rc
 "#;
     let (image, accel, _lock) = setup();
     let work = tempfile::tempdir().unwrap();
-    let img = raw_image(work.path(), "disk.img", 256 << 20);
-    let d = Vmcrypt::start(
-        work.path(),
-        "vmcrypt",
-        &["--image", img.to_str().unwrap(), "--num-queues", "2"],
-    )
-    .unwrap();
+    let (_img, d) = start_raw(work.path(), 256 << 20);
     let mut vm = Vm::new(&image, accel);
     let mut disk = Disk::new(&d.socket);
     disk.device_opts = ",event_idx=off".into();
@@ -104,13 +92,7 @@ fn encrypted_image(dir: &Path, name: &str, size: &str) -> std::path::PathBuf {
 fn encrypted_disk_boots_and_fio_verify_passes() {
     let (image, accel, _lock) = setup();
     let work = tempfile::tempdir().unwrap();
-    let img = encrypted_image(work.path(), "disk.img", "256M");
-    let d = Vmcrypt::start(
-        work.path(),
-        "vmcrypt",
-        &["--image", img.to_str().unwrap(), "--num-queues", "2"],
-    )
-    .unwrap();
+    let (_img, d) = start_encrypted(work.path(), "256M", &[]);
     let mut vm = Vm::new(&image, accel);
     vm.disks.push(Disk::new(&d.socket));
     let run = vm
@@ -140,6 +122,18 @@ fn encrypted_disk_with_cache_none_passes_fio_verify() {
     expect_fio_verify(&run, &d);
     assert!(d.log_text().contains("direct I/O"));
     assert!(d.stop().success());
+}
+
+/// vmcrypt with two queues on a fresh sparse raw `disk.img` of `size` bytes.
+fn start_raw(work: &Path, size: u64) -> (std::path::PathBuf, Vmcrypt) {
+    let img = raw_image(work, "disk.img", size);
+    let d = Vmcrypt::start(
+        work,
+        "vmcrypt",
+        &["--image", img.to_str().unwrap(), "--num-queues", "2"],
+    )
+    .unwrap();
+    (img, d)
 }
 
 fn start_encrypted(work: &Path, size: &str, extra: &[&str]) -> (std::path::PathBuf, Vmcrypt) {
