@@ -770,6 +770,35 @@ fn footprint(pid: u32) -> (u64, usize, usize) {
     (rss, fds, maps)
 }
 
+/// Sockets the daemon holds: the listening one, plus a frontend's
+/// connection until the daemon has torn it down.
+fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter(|e| {
+            std::fs::read_link(e.as_ref().unwrap().path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+        })
+        .count()
+}
+
+/// The footprint once the daemon is idle: the last frontend's connection
+/// closed (a client's hang-up reaches the daemon a little later) and
+/// nothing changing for 100 ms.
+fn idle_footprint(pid: u32) -> (u64, usize, usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = footprint(pid);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = footprint(pid);
+        let idle = open_sockets(pid) == 1 && (now.1, now.2) == (last.1, last.2);
+        if idle || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// A raw vhost-user message: request, flags (version 1), size, then `body`;
 /// `size` may lie about the body's length.
 fn raw_message(request: u32, size: u32, body: &[u8]) -> Vec<u8> {
@@ -800,7 +829,7 @@ fn oversized_messages_are_refused_and_memory_stays_bounded() {
     let img = raw_image(dir.path(), 80);
     let d = Daemon::start(dir.path(), "vmcrypt", &["--image", img.to_str().unwrap()]);
     serves_a_good_frontend(&d, 81);
-    let before = footprint(d.child.id());
+    let before = idle_footprint(d.child.id());
 
     let mut set_config = Vec::new();
     set_config.extend_from_slice(&0u32.to_le_bytes()); // offset
@@ -848,7 +877,7 @@ fn oversized_messages_are_refused_and_memory_stays_bounded() {
     serves_a_good_frontend(&d, 90);
     assert!(d.child_alive(), "{}", d.log_text());
 
-    let after = footprint(d.child.id());
+    let after = idle_footprint(d.child.id());
     if after.1 > before.1 {
         for e in std::fs::read_dir(format!("/proc/{}/fd", d.child.id())).unwrap() {
             let e = e.unwrap();
