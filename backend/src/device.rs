@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -58,6 +59,25 @@ struct Inner {
     /// stopped it since.
     running: Vec<AtomicBool>,
     handover: Arc<Handover>,
+    /// The backend request channel, if the frontend set one up: how the
+    /// frontend learns that the config space changed (a resize).
+    backend_req: Mutex<Option<Backend>>,
+}
+
+/// The device's queues held still (see [`BlockDevice::pause`]): no queue
+/// takes a request, and nothing taken is in flight, until this is dropped.
+pub struct Paused<'a> {
+    workers: Vec<MutexGuard<'a, QueueWorker>>,
+}
+
+impl Paused<'_> {
+    /// The disk grew: the queues check requests against `bytes` once they
+    /// resume.
+    pub fn set_capacity(&mut self, bytes: u64) {
+        for w in &mut self.workers {
+            w.set_capacity(bytes);
+        }
+    }
 }
 
 impl BlockDevice {
@@ -94,7 +114,36 @@ impl BlockDevice {
             settings,
             workers,
             handover,
+            backend_req: Mutex::new(None),
         })))
+    }
+
+    /// Holds every queue still: each queue's worker is taken from its
+    /// thread (which waits for it on its next event, so kicks wait too),
+    /// and everything already taken from the rings is completed. The image
+    /// then changes only through the caller until the result is dropped.
+    pub fn pause(&self) -> io::Result<Paused<'_>> {
+        let mut workers: Vec<_> = (0..self.0.workers.len()).map(|q| self.worker(q)).collect();
+        for w in &mut workers {
+            w.drain()?;
+        }
+        Ok(Paused { workers })
+    }
+
+    /// Tells the frontend that the config space changed (the capacity), so
+    /// that it reads it again and tells the guest. False when the frontend
+    /// has no backend request channel (it learns on its next connection).
+    pub fn config_changed(&self) -> io::Result<bool> {
+        let channel = self
+            .0
+            .backend_req
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match channel {
+            Some(b) => b.handle_config_change().map(|_| true),
+            None => Ok(false),
+        }
     }
 
     fn worker(&self, q: usize) -> MutexGuard<'_, QueueWorker> {
@@ -222,6 +271,12 @@ impl VhostUserBackend for BlockDevice {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    /// `SET_BACKEND_REQ_FD`: kept for telling the frontend about a resize.
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.0.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
     }
 
     /// The crate sets EVENT_IDX on each vring's queue, whose notification
@@ -258,6 +313,8 @@ impl VhostUserBackend for BlockDevice {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let mut c = self.0.config;
+        c[..8]
+            .copy_from_slice(&(self.0.settings.disk.capacity.get() >> SECTOR_SHIFT).to_le_bytes());
         c[WRITEBACK] = u8::from(self.0.settings.disk.write_cache.is_on());
         let start = (offset as usize).min(c.len());
         let end = start.saturating_add(size as usize).min(c.len());

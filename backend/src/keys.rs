@@ -159,6 +159,14 @@ impl KeyDescriptor {
         Ok(Some(d))
     }
 
+    /// The descriptor as its file holds it.
+    pub fn text(&self) -> String {
+        format!(
+            "{DESCRIPTOR_HEAD}{}",
+            toml::to_string(self).expect("descriptor serializes")
+        )
+    }
+
     /// Writes the descriptor; `replace` swaps it atomically (rename), else
     /// an existing one is an error.
     pub fn store(&self, image: &Path, replace: bool) -> Result<(), KeyError> {
@@ -167,10 +175,7 @@ impl KeyDescriptor {
             path: path.clone(),
             reason: e.to_string(),
         };
-        let text = format!(
-            "{DESCRIPTOR_HEAD}{}",
-            toml::to_string(self).expect("descriptor serializes")
-        );
+        let text = self.text();
         let target = if replace {
             path.with_extension("vmcrypt.tmp")
         } else {

@@ -8,7 +8,16 @@
 //! been subverted or has hit an untested path: by default vmcrypt then logs
 //! the syscall number on stderr and exits (`--seccomp on`). Opening a file
 //! is the exception: it fails with EACCES (the C library tries one file at
-//! run time and copes without it). `--seccomp log`
+//! run time and copes without it).
+//!
+//! Two kinds of threads get different rights over files. The control
+//! socket's threads may create *new* files (`O_CREAT|O_EXCL`: a snapshot
+//! and its key descriptor), never open an existing one. Every other thread
+//! (the vhost-user protocol, the queues that handle guest requests, the
+//! signal thread) can neither open nor create nor remove files: after
+//! `install`, the control thread is started, then `confine_this_thread`
+//! stacks a stricter filter on the main thread, which all later threads
+//! inherit. `--seccomp log`
 //! lets such calls through and leaves a record in the kernel's audit log;
 //! `--seccomp off` installs nothing.
 //!
@@ -57,7 +66,8 @@ pub enum SeccompError {
 pub const BLOCKED_EXIT: i32 = 128 + libc::SIGSYS;
 
 /// Installs the allow-list on every thread of the process (threads started
-/// later inherit it).
+/// later inherit it). Files may still be created, not opened: call
+/// [`confine_this_thread`] once the threads that create files have started.
 pub fn install(mode: SeccompMode) -> Result<(), SeccompError> {
     let action = match mode {
         SeccompMode::Off => return Ok(()),
@@ -65,13 +75,22 @@ pub fn install(mode: SeccompMode) -> Result<(), SeccompError> {
             install_sigsys_handler().map_err(SeccompError::Handler)?;
             // Stacked filters: the kernel takes the strictest answer, so an
             // open fails with EACCES although the allow-list lets it pass.
-            seccompiler::apply_filter_all_threads(&no_open_program()?)?;
+            seccompiler::apply_filter_all_threads(&create_only_program()?)?;
             SeccompAction::Trap
         }
         SeccompMode::Log => SeccompAction::Log,
     };
     seccompiler::apply_filter_all_threads(&program(action)?)?;
     tracing::info!(mode = ?mode, syscalls = allowed().len(), "seccomp filter installed");
+    Ok(())
+}
+
+/// Takes from this thread, and every thread it starts from now on, the
+/// right to create or remove files.
+pub fn confine_this_thread(mode: SeccompMode) -> Result<(), SeccompError> {
+    if mode == SeccompMode::On {
+        seccompiler::apply_filter(&no_open_program()?)?;
+    }
     Ok(())
 }
 
@@ -90,9 +109,14 @@ pub fn program(mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
 
 /// Opening files fails with EACCES instead of ending the daemon: the C
 /// library opens `/proc/sys/vm/overcommit_memory` the first time a thread's
-/// heap shrinks, and does without it when that fails.
+/// heap shrinks, and does without it when that fails. Removing one fails
+/// the same way.
 pub fn no_open_program() -> Result<BpfProgram, SeccompError> {
-    let rules = open_syscalls().into_iter().map(|nr| (nr, vec![])).collect();
+    let rules = open_syscalls()
+        .into_iter()
+        .chain(unlink_syscalls())
+        .map(|nr| (nr, vec![]))
+        .collect();
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -102,6 +126,39 @@ pub fn no_open_program() -> Result<BpfProgram, SeccompError> {
             .map_err(SeccompError::Build)?,
     )?;
     Ok(filter.try_into()?)
+}
+
+/// Like [`no_open_program`], except that `open` and `openat` with
+/// `O_CREAT|O_EXCL` (a new file, never an existing one or a symlink) pass.
+pub fn create_only_program() -> Result<BpfProgram, SeccompError> {
+    let not_new = |arg| {
+        any_of([
+            masked_eq(arg, libc::O_CREAT as u64, 0),
+            masked_eq(arg, libc::O_EXCL as u64, 0),
+        ])
+    };
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    rules.insert(libc::SYS_openat, not_new(2));
+    #[cfg(target_arch = "x86_64")]
+    rules.insert(libc::SYS_open, not_new(1));
+    // openat2 passes its flags in memory seccomp cannot read.
+    rules.insert(libc::SYS_openat2, vec![]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        std::env::consts::ARCH
+            .try_into()
+            .map_err(SeccompError::Build)?,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+fn unlink_syscalls() -> Vec<i64> {
+    let mut v = vec![libc::SYS_unlinkat];
+    #[cfg(target_arch = "x86_64")]
+    v.push(libc::SYS_unlink);
+    v
 }
 
 fn open_syscalls() -> Vec<i64> {
@@ -179,7 +236,11 @@ fn allowed() -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_flock,
         libc::SYS_close,
         libc::SYS_dup,
+        // A snapshot: created by the control thread, synced with its file
+        // system, removed again if it fails (see `confine_this_thread`).
         libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_syncfs,
         // Guest memory, the in-flight region and the dirty log.
         libc::SYS_mmap,
         libc::SYS_munmap,
@@ -272,13 +333,27 @@ fn allowed() -> BTreeMap<i64, Vec<SeccompRule>> {
                 BLKSSZGET,
                 BLKPBSZGET,
                 libc::TCGETS,
+                crate::storage::FICLONE,
             ]
             .map(|cmd| eq(1, cmd)),
         ),
     );
     m.insert(
         libc::SYS_prctl,
-        any_of([libc::PR_SET_NAME, libc::PR_GET_NAME].map(|op| eq(0, op as u64))),
+        any_of(
+            [
+                libc::PR_SET_NAME,
+                libc::PR_GET_NAME,
+                libc::PR_SET_NO_NEW_PRIVS,
+            ]
+            .map(|op| eq(0, op as u64)),
+        ),
+    );
+    // Stacking a further filter, which can only take rights away
+    // (`confine_this_thread`).
+    m.insert(
+        libc::SYS_seccomp,
+        any_of([eq(0, libc::SECCOMP_SET_MODE_FILTER as u64)]),
     );
     m
 }
@@ -351,12 +426,19 @@ mod tests {
     /// child's wait status. The filter is compiled before the fork, so the
     /// child makes no allocation before `f`.
     fn in_filtered_child(mode: SeccompMode, f: fn() -> i32) -> libc::c_int {
+        in_child(mode, false, f)
+    }
+
+    /// As [`in_filtered_child`]; `confined` also stacks the filter of the
+    /// threads that serve guests.
+    fn in_child(mode: SeccompMode, confined: bool, f: fn() -> i32) -> libc::c_int {
         let action = match mode {
             SeccompMode::On => SeccompAction::Trap,
             SeccompMode::Log => SeccompAction::Log,
             SeccompMode::Off => unreachable!(),
         };
         let program = program(action).unwrap();
+        let create_only = create_only_program().unwrap();
         let no_open = no_open_program().unwrap();
         // SAFETY: the child only calls async-signal-safe functions (sigaction,
         // prctl, seccomp, the syscalls in `f`, _exit) before exiting.
@@ -367,8 +449,11 @@ mod tests {
                 if mode == SeccompMode::On && install_sigsys_handler().is_err() {
                     libc::_exit(101);
                 }
-                if mode == SeccompMode::On && seccompiler::apply_filter(&no_open).is_err() {
+                if mode == SeccompMode::On && seccompiler::apply_filter(&create_only).is_err() {
                     libc::_exit(103);
+                }
+                if confined && seccompiler::apply_filter(&no_open).is_err() {
+                    libc::_exit(104);
                 }
                 if seccompiler::apply_filter(&program).is_err() {
                     libc::_exit(102);
@@ -445,6 +530,55 @@ mod tests {
             }
         });
         assert_eq!(exit_code(status), 0);
+    }
+
+    /// Creates a new file in /tmp and removes it: 0 if both worked, 7 if
+    /// the creation failed with EACCES, 1 otherwise.
+    fn create_new_file() -> i32 {
+        let path = c"/tmp/vmcrypt-seccomp-create-test";
+        // SAFETY: valid NUL-terminated path; plain syscalls.
+        unsafe {
+            libc::unlink(path.as_ptr());
+            let fd = libc::open(
+                path.as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o600,
+            );
+            if fd < 0 {
+                return match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EACCES) => 7,
+                    _ => 1,
+                };
+            }
+            libc::close(fd);
+            i32::from(libc::unlink(path.as_ptr()) != 0)
+        }
+    }
+
+    #[test]
+    fn only_the_control_threads_may_create_files() {
+        // Forked from a test process: the file may be left from a killed run.
+        let _ = std::fs::remove_file("/tmp/vmcrypt-seccomp-create-test");
+        assert_eq!(
+            exit_code(in_child(SeccompMode::On, false, create_new_file)),
+            0
+        );
+        assert_eq!(
+            exit_code(in_child(SeccompMode::On, true, create_new_file)),
+            7
+        );
+        // Neither may open an existing file, for reading or writing.
+        for confined in [false, true] {
+            let status = in_child(SeccompMode::On, confined, || {
+                // SAFETY: valid NUL-terminated path.
+                let fd = unsafe { libc::open(c"/tmp".as_ptr(), libc::O_RDONLY | libc::O_CREAT, 0) };
+                match (fd, std::io::Error::last_os_error().raw_os_error()) {
+                    (-1, Some(libc::EACCES)) => 7,
+                    _ => 1,
+                }
+            });
+            assert_eq!(exit_code(status), 7, "confined: {confined}");
+        }
     }
 
     #[test]

@@ -12,16 +12,16 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::GuestMemoryAtomic;
 
 use crate::config::{CacheMode, ImageSpec, ServeConfig};
-use crate::control::{Control, StatusInfo};
+use crate::control::{Control, Served, StatusInfo};
 use crate::device::{BlockDevice, DeviceSettings};
 use crate::direct::{self, DirectError, DirectIo};
 use crate::filter::{self, Encrypt, Filter, Throttle};
 use crate::handover::Handover;
-use crate::keys::{self, ImageFormat, KeyError, KeyOrigin};
+use crate::keys::{self, ImageFormat, KeyDescriptor, KeyError, KeyOrigin};
 use crate::listen::{self, ListenError, Listening};
 use crate::request::{Limits, ID_BYTES};
 use crate::storage::{self, Image, StorageError};
-use crate::worker::DiskInfo;
+use crate::worker::{Capacity, DiskInfo};
 use crate::GuestMem;
 
 /// Errors that stop `serve`.
@@ -64,8 +64,8 @@ struct Shared {
     control: Option<SocketFile>,
     image: Arc<Image>,
     filters: Vec<Arc<dyn Filter>>,
-    /// The device of the connected frontend, if any.
-    current: Mutex<Option<BlockDevice>>,
+    /// The device of the connected frontend, or the one waiting for it.
+    current: Arc<Mutex<Option<BlockDevice>>>,
 }
 
 /// Serves `cfg` until SIGINT or SIGTERM; returns only on a start-up error.
@@ -94,6 +94,8 @@ struct Opened {
     throttle: Option<Arc<Throttle>>,
     format: &'static str,
     key: Option<KeyOrigin>,
+    /// An encrypted image's key descriptor (copied beside snapshots).
+    descriptor: Option<KeyDescriptor>,
 }
 
 fn open_and_serve(cfg: ServeConfig, listening: Listening) -> Result<(), ServeError> {
@@ -122,6 +124,7 @@ fn open(cfg: &ServeConfig) -> Result<Opened, ServeError> {
         filters.insert(0, t.clone());
         throttle = Some(t);
     }
+    let mut descriptor = None;
     let (image, format, key) = match &cfg.image {
         ImageSpec::Null { size } => (Image::Null { capacity: *size }, "raw", None),
         ImageSpec::File(path) => {
@@ -129,6 +132,7 @@ fn open(cfg: &ServeConfig) -> Result<Opened, ServeError> {
             match keys::decide_format(path, &file, cfg.format, &cfg.keys)? {
                 ImageFormat::Luks => {
                     let unlocked = keys::unlock(path, &file, &cfg.keys)?;
+                    descriptor = KeyDescriptor::load(path)?;
                     if vmcrypt_crypto::locked::lock_failed() {
                         tracing::warn!(
                             "cannot lock key memory (RLIMIT_MEMLOCK too small?): keys may reach swap; \
@@ -162,6 +166,7 @@ fn open(cfg: &ServeConfig) -> Result<Opened, ServeError> {
         throttle,
         format,
         key,
+        descriptor,
     })
 }
 
@@ -203,6 +208,7 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
             Image::File { data_offset, .. } => *data_offset,
             Image::Null { .. } => 0,
         },
+        capacity: Capacity::new(image.capacity()),
         serial,
         write_cache: Default::default(),
         metrics: Arc::new(crate::metrics::DiskMetrics::new(usize::from(
@@ -210,21 +216,22 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
         ))),
     });
     let connected = Arc::new(AtomicBool::new(false));
+    let current: Arc<Mutex<Option<BlockDevice>>> = Arc::default();
     // The control socket is bound now, while binding is still allowed.
     let control = match &cfg.control {
         Some(path) => Some(bind_control(
             path,
             &cfg,
-            status_info(
-                &cfg,
-                opened.format,
-                opened.key.clone(),
-                image.capacity(),
-                &filters,
-            ),
+            status_info(&cfg, opened.format, opened.key.clone(), &filters),
             opened.throttle.clone(),
-            &disk,
             &connected,
+            Served {
+                image: image.clone(),
+                disk: disk.clone(),
+                device: current.clone(),
+                descriptor: opened.descriptor.clone(),
+                read_only: cfg.read_only,
+            },
         )?),
         None => None,
     };
@@ -235,8 +242,14 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
         poll_max: std::time::Duration::from_micros(cfg.poll_us),
     };
 
-    // From here on the daemon needs no new files, no network and no new
-    // programs: narrow the syscalls it may make.
+    // Signals are taken by a thread of their own: block them here, before
+    // the control thread and the others start, so every thread inherits
+    // the mask.
+    let sigset = block_signals().map_err(ServeError::Signals)?;
+    // From here on the daemon needs no network and no new programs, and
+    // opens no file: narrow the syscalls it may make. The control thread
+    // may still create new files (snapshots); the threads started after
+    // it, which serve the guest, may not.
     crate::seccomp::install(cfg.seccomp)?;
     let control_file = match control {
         Some((listener, control, file)) => {
@@ -246,16 +259,14 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
         }
         None => None,
     };
+    crate::seccomp::confine_this_thread(cfg.seccomp)?;
 
-    // Signals are taken by a thread of their own: block them here, before
-    // any other thread exists, so every thread inherits the mask.
-    let sigset = block_signals().map_err(ServeError::Signals)?;
     let shared = Arc::new(Shared {
         socket: listening.owned_path.clone(),
         control: control_file,
         image: image.clone(),
         filters: filters.clone(),
-        current: Mutex::new(None),
+        current: current.clone(),
     });
     {
         let shared = shared.clone();
@@ -278,13 +289,21 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
     let mut listener = Listener::from(listening.listener);
     loop {
         let mem = GuestMemoryAtomic::new(GuestMem::new());
-        let dev = BlockDevice::new(
-            settings.clone(),
-            &image,
-            &filters,
-            mem.clone(),
-            handover.clone(),
-        )?;
+        // The device is made and published under one lock: a resize either
+        // happened before (and its queues start at the new capacity) or
+        // finds it.
+        let dev = {
+            let mut current = lock(&shared.current);
+            let dev = BlockDevice::new(
+                settings.clone(),
+                &image,
+                &filters,
+                mem.clone(),
+                handover.clone(),
+            )?;
+            *current = Some(dev.clone());
+            dev
+        };
         let mut daemon = VhostUserDaemon::new("vmcrypt".into(), dev.clone(), mem)
             .map_err(ServeError::VhostUser)?;
         dev.register_fds(&daemon.get_epoll_handlers())
@@ -293,7 +312,6 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
             tracing::error!("accepting a frontend: {e}");
             continue;
         }
-        *lock(&shared.current) = Some(dev.clone());
         connected.store(true, Ordering::Relaxed);
         tracing::info!("frontend connected");
         match daemon.wait() {
@@ -318,7 +336,6 @@ fn status_info(
     cfg: &ServeConfig,
     format: &'static str,
     key: Option<KeyOrigin>,
-    capacity: u64,
     filters: &[Arc<dyn Filter>],
 ) -> StatusInfo {
     StatusInfo {
@@ -327,7 +344,6 @@ fn status_info(
             ImageSpec::Null { size } => format!("null:{size}"),
         },
         format,
-        capacity,
         block_size: cfg.block_size,
         queues: usize::from(cfg.num_queues),
         read_only: cfg.read_only,
@@ -347,17 +363,18 @@ fn bind_control(
     cfg: &ServeConfig,
     info: StatusInfo,
     throttle: Option<Arc<Throttle>>,
-    disk: &DiskInfo,
     connected: &Arc<AtomicBool>,
+    served: Served,
 ) -> Result<(UnixListener, Control, SocketFile), ServeError> {
     let listener = listen::bind(path, cfg.socket_mode, cfg.socket_group.as_deref())?;
     let control = Control {
         info,
-        metrics: disk.metrics.clone(),
+        metrics: served.disk.metrics.clone(),
         // `open` puts a throttle in the pipeline whenever --control is set.
         throttle: throttle.expect("a throttle with --control"),
         connected: connected.clone(),
         started: std::time::Instant::now(),
+        served,
     };
     Ok((listener, control, SocketFile(path.into())))
 }

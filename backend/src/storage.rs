@@ -156,12 +156,65 @@ impl Image {
         }
     }
 
+    /// Grows the disk to `capacity` bytes: a file image is extended past
+    /// its data offset (the new space is a hole). A block device keeps the
+    /// size it has, and a null device has nothing to grow.
+    pub fn grow(&self, capacity: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileTypeExt;
+        let Image::File {
+            file, data_offset, ..
+        } = self
+        else {
+            return Ok(());
+        };
+        if file.metadata()?.file_type().is_block_device() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the image is a block device, whose size is its own: grow the device instead",
+            ));
+        }
+        let len = data_offset
+            .checked_add(capacity)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "size too large"))?;
+        file.set_len(len)?;
+        file.sync_all()
+    }
+
+    /// Makes `dst` a copy of the whole image file that shares its blocks
+    /// (a reflink, `FICLONE`): instant, whatever the size. Fails with
+    /// `EOPNOTSUPP` (or `EXDEV`, `EINVAL`) where the file system has no
+    /// reflinks or `dst` is elsewhere.
+    pub fn reflink_to(&self, dst: &File) -> io::Result<()> {
+        let Image::File { file, .. } = self else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a null device has no file to copy",
+            ));
+        };
+        reflink(file, dst)
+    }
+
     /// Makes every completed write durable.
     pub fn sync(&self) -> io::Result<()> {
         match self {
             Image::Null { .. } => Ok(()),
             Image::File { file, .. } => file.sync_data(),
         }
+    }
+}
+
+/// `FICLONE` (<linux/fs.h>: `_IOW(0x94, 9, int)`).
+pub const FICLONE: u64 = 0x4004_9409;
+
+/// Makes `dst` share all of `src`'s blocks (see [`Image::reflink_to`]).
+pub fn reflink(src: &File, dst: &File) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source descriptor as its integer argument;
+    // both descriptors are open for the duration of the call.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

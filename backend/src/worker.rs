@@ -64,7 +64,11 @@ struct Slot {
 /// What a worker knows about the disk.
 #[derive(Clone, Debug)]
 pub struct DiskInfo {
+    /// The limits a connection starts with; `limits.capacity` is where the
+    /// disk started, `capacity` what it is now.
     pub limits: Limits,
+    /// The capacity now: a live resize grows it.
+    pub capacity: Capacity,
     /// Bytes of the image before the disk's first sector.
     pub data_offset: u64,
     pub serial: [u8; ID_BYTES],
@@ -72,6 +76,27 @@ pub struct DiskInfo {
     pub write_cache: WriteCache,
     /// Counters and latencies per queue, kept across connections.
     pub metrics: Arc<crate::metrics::DiskMetrics>,
+}
+
+/// The disk's capacity in bytes, shared by the device (its config space),
+/// the control socket (resize) and each new connection's workers. The
+/// workers keep a copy, changed only while their queues are paused, so
+/// the data path reads no shared value.
+#[derive(Clone, Debug)]
+pub struct Capacity(Arc<std::sync::atomic::AtomicU64>);
+
+impl Capacity {
+    pub fn new(bytes: u64) -> Self {
+        Capacity(Arc::new(std::sync::atomic::AtomicU64::new(bytes)))
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub fn set(&self, bytes: u64) {
+        self.0.store(bytes, Ordering::Release)
+    }
 }
 
 /// `writeback` in the config space (VIRTIO_BLK_F_CONFIG_WCE). Off
@@ -99,6 +124,8 @@ impl WriteCache {
 pub struct QueueWorker {
     index: usize,
     disk: Arc<DiskInfo>,
+    /// The disk's limits, with the capacity as this queue last saw it.
+    limits: Limits,
     /// This queue's counters (this thread is their only writer).
     metrics: Arc<QueueMetrics>,
     mem: GuestMemAtomic,
@@ -152,8 +179,11 @@ impl QueueWorker {
         poll_max: Duration,
         handover: Arc<Handover>,
     ) -> io::Result<Self> {
+        let mut limits = disk.limits.clone();
+        limits.capacity = disk.capacity.get();
         Ok(QueueWorker {
             index,
+            limits,
             metrics: disk.metrics.queues[index].clone(),
             disk,
             mem,
@@ -429,7 +459,7 @@ impl QueueWorker {
         self.metrics.take();
         let slot = &mut self.slots[idx];
         slot.req.started = now;
-        match request::parse(mem, head, descs, &self.disk.limits, &mut slot.req) {
+        match request::parse(mem, head, descs, &self.limits, &mut slot.req) {
             Ok(()) => {
                 slot.mem = Some(mem.clone());
                 slot.stage = 0;
@@ -544,6 +574,12 @@ impl QueueWorker {
             self.complete_reaped(&mut state, &mem)?;
         }
         self.notify(&mut state)
+    }
+
+    /// The disk grew (a live resize, with this queue paused): requests are
+    /// checked against the new capacity from now on.
+    pub fn set_capacity(&mut self, bytes: u64) {
+        self.limits.capacity = bytes;
     }
 
     /// Stops taking requests from the ring, then drains it.

@@ -352,3 +352,291 @@ fn set_throttle_changes_the_limit_live() {
     );
     assert!(d.log_text().contains("throttle limits changed"));
 }
+
+fn vmcrypt(args: &[&str]) -> std::process::Output {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "vmcrypt {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn error_message(a: &Value) -> String {
+    a["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {a}"))
+        .to_string()
+}
+
+/// resize grows the disk under a connected frontend: its queues take
+/// requests in the new space at once, without reconnecting. Shrinking and
+/// sizes that are not whole blocks are refused.
+#[test]
+fn resize_grows_the_disk_live_and_refuses_to_shrink() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, control) = serve(dir.path(), &["--num-queues", "2"]);
+    let mut f = Frontend::connect(&d.socket, 2, MIB as usize);
+    let mut rpc = Rpc::connect(&control);
+    f.buf(0, 4096).copy_from_slice(&pattern(1, 4096));
+    assert_ne!(f.write(0, 20 * MIB, 0, 4096), 0, "past the end before");
+
+    let a = rpc.call("resize", json!({"size": 8 * MIB}));
+    assert!(error_message(&a).contains("shrinking is refused"), "{a}");
+    let a = rpc.call("resize", json!({"size": 16 * MIB + 100}));
+    assert!(
+        error_message(&a).contains("multiple of the block size"),
+        "{a}"
+    );
+    let a = rpc.call("resize", json!({"size": true}));
+    assert_eq!(a["error"]["code"], -32602);
+
+    let r = rpc.result("resize", json!({"size": "32M"}));
+    assert_eq!(r["capacity"], 32 * MIB);
+    assert_eq!(r["previous"], 16 * MIB);
+    // libblkio sets up no backend request channel: told on reconnect.
+    assert_eq!(r["frontend_notified"], false);
+    assert_eq!(
+        std::fs::metadata(dir.path().join("disk.img"))
+            .unwrap()
+            .len(),
+        32 * MIB
+    );
+    for q in 0..2 {
+        assert_eq!(
+            f.write(q, 20 * MIB + q as u64 * 4096, 0, 4096),
+            0,
+            "queue {q}"
+        );
+        assert_eq!(f.read(q, 20 * MIB + q as u64 * 4096, 8192, 4096), 0);
+        assert_eq!(f.buf(8192, 4096), &pattern(1, 4096)[..]);
+    }
+    assert_ne!(f.write(0, 32 * MIB, 0, 4096), 0, "past the new end");
+    assert_eq!(rpc.result("status", json!({}))["capacity"], 32 * MIB);
+
+    // Through the ctl client; a new connection sees the new capacity.
+    vmcrypt(&[
+        "ctl",
+        "--control",
+        control.to_str().unwrap(),
+        "resize",
+        "size=48M",
+    ]);
+    drop(f);
+    let f = Frontend::connect(&d.socket, 1, MIB as usize);
+    assert_eq!(f.capacity, 48 * MIB);
+    drop(f);
+    // SIGTERM reaches the signal thread, not the control thread.
+    let status = d.terminate();
+    assert!(status.success(), "SIGTERM with a control socket: {status}");
+}
+
+/// A LUKS image grows by its payload; qemu-img then sees the new size.
+#[test]
+fn resize_grows_an_encrypted_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let keys = dir.path().join("keys");
+    vmcrypt(&[
+        "create",
+        img.to_str().unwrap(),
+        "--size",
+        "16M",
+        "--keystore",
+        keys.to_str().unwrap(),
+    ]);
+    let control = dir.path().join("control.sock");
+    let d = Daemon::start(
+        dir.path(),
+        "vmcrypt",
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    let mut rpc = Rpc::connect(&control);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    rpc.result("resize", json!({"size": 24 * MIB}));
+    f.buf(0, 4096).copy_from_slice(&pattern(7, 4096));
+    assert_eq!(f.write(0, 24 * MIB - 4096, 0, 4096), 0);
+    assert_eq!(f.read(0, 24 * MIB - 4096, 4096, 4096), 0);
+    assert_eq!(f.buf(4096, 4096), &pattern(7, 4096)[..]);
+    drop(f);
+    drop(d);
+    // qemu-img, with the key slot's passphrase, agrees on the size.
+    let pass = dir.path().join("pass");
+    vmcrypt(&[
+        "export-passphrase",
+        img.to_str().unwrap(),
+        "--output",
+        pass.to_str().unwrap(),
+        "--keystore",
+        keys.to_str().unwrap(),
+    ]);
+    let out = Command::new("qemu-img")
+        .args([
+            "info",
+            "--output=json",
+            "--object",
+            &format!("secret,id=k,file={}", pass.display()),
+            "--image-opts",
+            &format!("driver=luks,key-secret=k,file.filename={}", img.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 24 * MIB);
+}
+
+/// A snapshot taken while a frontend writes: it holds every write that
+/// completed before the request and none submitted after the answer, it
+/// serves on its own (its own key descriptor), and the live disk goes on.
+#[test]
+fn snapshot_on_xfs_holds_the_disk_at_that_instant() {
+    let xfs = Xfs::mount(1 << 30);
+    let img = xfs.mnt.join("disk.img");
+    let keys = xfs.mnt.join("keys");
+    vmcrypt(&[
+        "create",
+        img.to_str().unwrap(),
+        "--size",
+        "64M",
+        "--keystore",
+        keys.to_str().unwrap(),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let d = Daemon::start(
+        dir.path(),
+        "live",
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    const BLOCKS: u64 = 64;
+    const BS: usize = 4096;
+
+    // The writer: block b gets generation g's pattern, round and round.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let start = std::time::Instant::now();
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut log = Vec::new(); // (block, gen, submitted, done)
+            let mut gen = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for b in 0..BLOCKS {
+                    gen += 1;
+                    f.buf(0, BS).copy_from_slice(&pattern(gen, BS));
+                    let submitted = start.elapsed();
+                    assert_eq!(f.write(0, b * BS as u64, 0, BS), 0);
+                    log.push((b, gen, submitted, start.elapsed()));
+                }
+            }
+            (f, log)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let snap = xfs.mnt.join("snap.img");
+    let mut rpc = Rpc::connect(&control);
+    let before = start.elapsed();
+    let r = rpc.result("snapshot", json!({"path": snap.to_str().unwrap()}));
+    let after = start.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut f, log) = writer.join().unwrap();
+    let pause_ms = r["pause_ms"].as_f64().unwrap();
+    eprintln!("snapshot pause: {pause_ms:.2} ms; {} writes", log.len());
+    assert_eq!(r["path"], snap.to_str().unwrap());
+    let desc = format!("{}.vmcrypt", snap.display());
+    assert_eq!(r["key_descriptor"], desc.as_str());
+    assert!(log.iter().any(|w| w.3 < before) && log.iter().any(|w| w.2 > after));
+
+    // The live disk holds each block's last write.
+    for b in 0..BLOCKS {
+        let last = log.iter().rfind(|w| w.0 == b).unwrap().1;
+        assert_eq!(f.read(0, b * BS as u64, 0, BS), 0);
+        assert_eq!(f.buf(0, BS), &pattern(last, BS)[..], "live block {b}");
+    }
+    drop(f);
+
+    // The snapshot serves on its own (no --keystore: its descriptor says).
+    let s = Daemon::start(dir.path(), "snap", &["--image", snap.to_str().unwrap()]);
+    let mut g = Frontend::connect(&s.socket, 1, MIB as usize);
+    for b in 0..BLOCKS {
+        assert_eq!(g.read(0, b * BS as u64, 0, BS), 0);
+        let got = g.buf(0, BS).to_vec();
+        let writes: Vec<_> = log.iter().filter(|w| w.0 == b).collect();
+        let found = writes
+            .iter()
+            .find(|w| pattern(w.1, BS) == got)
+            .unwrap_or_else(|| panic!("snapshot block {b} holds none of its writes"));
+        // Not older than the last write done before the request...
+        if let Some(done) = writes.iter().rfind(|w| w.3 < before) {
+            assert!(
+                found.1 >= done.1,
+                "block {b}: gen {} older than {}",
+                found.1,
+                done.1
+            );
+        }
+        // ...and nothing submitted after the answer.
+        assert!(
+            found.2 < after,
+            "block {b}: gen {} submitted after the snapshot",
+            found.1
+        );
+    }
+    drop(g);
+    drop(s);
+
+    // A second snapshot onto the same name is refused, and the name kept.
+    let a = rpc.call("snapshot", json!({"path": snap.to_str().unwrap()}));
+    assert!(error_message(&a).contains("already exists"), "{a}");
+    assert!(snap.exists());
+    let a = rpc.call("snapshot", json!({"path": "relative.img"}));
+    assert!(error_message(&a).contains("absolute"), "{a}");
+    // Through the ctl client.
+    let snap2 = xfs.mnt.join("snap2.img");
+    let out = vmcrypt(&[
+        "ctl",
+        "--control",
+        control.to_str().unwrap(),
+        "snapshot",
+        &format!("path={}", snap2.display()),
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("pause_ms"), "{text}");
+    assert!(snap2.exists());
+    assert!(d.child_alive());
+}
+
+/// On a file system without reflinks (ext4 here) a snapshot is refused at
+/// once, leaves no file behind, and the disk keeps serving.
+#[test]
+fn snapshot_without_reflinks_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, control) = serve(dir.path(), &[]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    let mut rpc = Rpc::connect(&control);
+    let snap = dir.path().join("snap.img");
+    let a = rpc.call("snapshot", json!({"path": snap.to_str().unwrap()}));
+    assert!(error_message(&a).contains("no reflinks"), "{a}");
+    assert!(!snap.exists(), "a failed snapshot left its file");
+    f.buf(0, 4096).copy_from_slice(&pattern(3, 4096));
+    assert_eq!(f.write(0, 0, 0, 4096), 0);
+    assert_eq!(f.read(0, 0, 4096, 4096), 0);
+    assert_eq!(f.buf(4096, 4096), &pattern(3, 4096)[..]);
+}

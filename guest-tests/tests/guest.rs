@@ -408,3 +408,63 @@ after=$(dd if=/dev/vda bs=1M count=8 2>/dev/null | sha256sum)
         d.log_text()
     );
 }
+
+/// `resize` over the control socket while the guest runs: QEMU gets the
+/// config-change message, the guest's kernel sees the new capacity without
+/// a reboot, and fio verify passes in the new space.
+#[test]
+fn the_guest_sees_a_live_resize() {
+    let (image, accel, _lock) = setup();
+    let work = tempfile::tempdir().unwrap();
+    let control = work.path().join("control.sock");
+    let (_img, d) = start_encrypted(
+        work.path(),
+        "128M",
+        &["--control", control.to_str().unwrap()],
+    );
+    let mut vm = Vm::new(&image, accel);
+    vm.disks.push(Disk::new(&d.socket));
+    let script = r#"
+echo "=== BEGIN before"; cat /sys/block/vda/size; echo "=== END before"
+echo "=== RESIZE-NOW"
+i=0
+while [ "$(cat /sys/block/vda/size)" = 262144 ]; do
+  i=$((i+1)); [ $i -gt 600 ] && exit 7
+  sleep 0.1
+done
+echo "=== BEGIN after"; cat /sys/block/vda/size; echo "=== END after"
+echo "=== BEGIN fio"
+fio --output-format=json --name=grown --filename=/dev/vda --direct=1 --ioengine=libaio \
+    --iodepth=8 --rw=randwrite --bsrange=4k-64k --offset=128M --size=64M \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --random_generator=tausworthe64
+rc=$?
+echo "=== END fio"
+exit $rc
+"#;
+    let mut running = vm.spawn(script, work.path()).unwrap();
+    running.wait_for("=== RESIZE-NOW").unwrap();
+    let out = std::process::Command::new(guest_tests::vmcrypt::binary())
+        .args(["ctl", "--json", "--control", control.to_str().unwrap()])
+        .args(["resize", "size=192M"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["frontend_notified"], true, "{r}");
+    let run = running
+        .finish()
+        .unwrap_or_else(|e| panic!("{e}\nvmcrypt log:\n{}", d.log_text()));
+    assert_eq!(run.section("before").as_deref(), Some("262144"));
+    assert_eq!(
+        run.section("after").as_deref(),
+        Some("393216"),
+        "{}",
+        run.tail()
+    );
+    expect_fio_verify(&run, &d);
+    assert!(d.stop().success());
+}

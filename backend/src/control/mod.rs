@@ -7,10 +7,12 @@
 //! methods read the queues' counters ([`crate::metrics`]) and change the
 //! throttle's limits, whose queues see the change through their own flag.
 //!
-//! Methods: `status`, `query-stats`, `metrics` (Prometheus text) and
-//! `set-throttle`.
+//! Methods: `status`, `query-stats`, `metrics` (Prometheus text),
+//! `set-throttle`, and the ones that change the disk (`disk`): `resize`
+//! and `snapshot`.
 
 pub mod client;
+mod disk;
 mod prom;
 mod rpc;
 mod stats;
@@ -26,6 +28,7 @@ use serde_json::{json, Value};
 use crate::filter::Throttle;
 use crate::keys::KeyOrigin;
 use crate::metrics::DiskMetrics;
+pub use disk::Served;
 pub use rpc::{RpcError, MAX_REQUEST};
 
 /// What `status` reports that does not change while serving.
@@ -34,7 +37,6 @@ pub struct StatusInfo {
     pub image: String,
     /// `raw` or `luks1`.
     pub format: &'static str,
-    pub capacity: u64,
     pub block_size: u32,
     pub queues: usize,
     pub read_only: bool,
@@ -52,6 +54,8 @@ pub struct Control {
     /// Whether a frontend is connected now.
     pub connected: Arc<AtomicBool>,
     pub started: Instant,
+    /// The disk, for the methods that change it.
+    pub served: Served,
 }
 
 /// Most clients served at once; more are told so and closed.
@@ -159,6 +163,8 @@ fn call(control: &Control, method: &str, params: &Value) -> Result<Value, RpcErr
             Ok(Value::String(prom::render(control)))
         }
         "set-throttle" => set_throttle(control, params),
+        "resize" => disk::resize(&control.served, params),
+        "snapshot" => disk::snapshot(&control.served, params),
         other => Err(RpcError::method_not_found(other)),
     }
 }
@@ -169,7 +175,7 @@ fn status(c: &Control) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "image": i.image,
         "format": i.format,
-        "capacity": i.capacity,
+        "capacity": c.served.disk.capacity.get(),
         "block_size": i.block_size,
         "queues": i.queues,
         "read_only": i.read_only,

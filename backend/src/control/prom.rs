@@ -42,7 +42,7 @@ pub fn render(c: &Control) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(Disk {
         metrics: c.metrics.clone(),
-        capacity: c.info.capacity,
+        capacity: c.served.disk.capacity.get(),
         connected: c.connected.clone(),
         started: c.started,
     }));

@@ -271,3 +271,57 @@ pub fn read_iops(f: &mut Frontend, dur: Duration) -> f64 {
     let _ = f.queues[0].do_io(&mut comps, 8, Some(&mut t), None);
     done as f64 / elapsed
 }
+
+/// An XFS file system with reflinks on a loop device, mounted in a
+/// temporary folder and unmounted when dropped (needs root and xfsprogs,
+/// which ci/install-deps.sh installs).
+pub struct Xfs {
+    _dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+}
+
+impl Xfs {
+    pub fn mount(size: u64) -> Xfs {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("xfs.img");
+        std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+        let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+            let out = Command::new(cmd)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("{cmd}: {e} (install xfsprogs: ci/install-deps.sh)"));
+            assert!(
+                out.status.success(),
+                "{cmd} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(
+            "mkfs.xfs",
+            &[
+                "-q".as_ref(),
+                "-m".as_ref(),
+                "reflink=1".as_ref(),
+                img.as_os_str(),
+            ],
+        );
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                img.as_os_str(),
+                mnt.as_os_str(),
+            ],
+        );
+        Xfs { _dir: dir, mnt }
+    }
+}
+
+impl Drop for Xfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}

@@ -1,0 +1,270 @@
+//! Control methods that change the served disk: `resize` and `snapshot`.
+//!
+//! Both hold the device's queues still for a moment ([`BlockDevice::pause`]):
+//! no request is taken and none is in flight while the image changes
+//! under the guest. A resize grows the image and tells each queue the new
+//! capacity, then the frontend (which tells the guest). A snapshot syncs
+//! the image and clones its file with a reflink, which takes milliseconds
+//! whatever the size; a file system without reflinks is refused rather
+//! than holding the guest for a full copy.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use super::rpc::RpcError;
+use crate::device::BlockDevice;
+use crate::keys::KeyDescriptor;
+use crate::storage::Image;
+use crate::worker::DiskInfo;
+
+/// What the disk methods work on.
+pub struct Served {
+    pub image: Arc<Image>,
+    pub disk: Arc<DiskInfo>,
+    /// The device of this connection (or the one waiting for a frontend).
+    /// Held for the whole of a method, so that a new connection's queues
+    /// never miss a change.
+    pub device: Arc<Mutex<Option<BlockDevice>>>,
+    /// The encrypted image's key descriptor, copied beside a snapshot.
+    pub descriptor: Option<KeyDescriptor>,
+    pub read_only: bool,
+}
+
+/// `resize {size}`: grows the disk to `size` bytes (a number, or a string
+/// such as "8G"); the guest is told through the frontend.
+pub fn resize(s: &Served, params: &Value) -> Result<Value, RpcError> {
+    let size = size_param(params)?;
+    if s.read_only {
+        return Err(RpcError::invalid_params("the disk is served read-only"));
+    }
+    let block = u64::from(s.disk.limits.block_size);
+    if size == 0 || !size.is_multiple_of(block) {
+        return Err(RpcError::invalid_params(format!(
+            "size {size}: must be a positive multiple of the block size ({block} bytes)"
+        )));
+    }
+    let current = lock(&s.device);
+    let old = s.disk.capacity.get();
+    if size < old {
+        return Err(RpcError::invalid_params(format!(
+            "size {size} is smaller than the disk ({old} bytes): shrinking is refused, it would \
+             cut off the guest's data"
+        )));
+    }
+    if size == old {
+        return Ok(json!({ "capacity": old, "previous": old, "frontend_notified": false }));
+    }
+    let t = Instant::now();
+    {
+        let mut paused = current
+            .as_ref()
+            .map(|d| d.pause())
+            .transpose()
+            .map_err(|e| RpcError::server(format!("pausing the queues: {e}")))?;
+        s.image
+            .grow(size)
+            .map_err(|e| RpcError::server(format!("growing the image to {size} bytes: {e}")))?;
+        s.disk.capacity.set(size);
+        if let Some(p) = paused.as_mut() {
+            p.set_capacity(size);
+        }
+    }
+    let pause_ms = t.elapsed().as_secs_f64() * 1e3;
+    let device = current.clone();
+    drop(current);
+    // After the queues resume: the frontend reads the config space back
+    // while this waits for its answer.
+    let notified = match device.map(|d| d.config_changed()).transpose() {
+        Ok(n) => n.unwrap_or(false),
+        Err(e) => {
+            tracing::warn!("telling the frontend about the new capacity: {e}");
+            false
+        }
+    };
+    tracing::info!(
+        capacity = size,
+        previous = old,
+        notified,
+        pause_ms,
+        "disk resized"
+    );
+    Ok(json!({
+        "capacity": size,
+        "previous": old,
+        "frontend_notified": notified,
+        "pause_ms": pause_ms,
+    }))
+}
+
+fn size_param(params: &Value) -> Result<u64, RpcError> {
+    let v = params
+        .as_object()
+        .and_then(|o| o.get("size"))
+        .ok_or_else(|| RpcError::invalid_params("expected {\"size\": bytes or \"8G\"}"))?;
+    match v {
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| RpcError::invalid_params(format!("size: {n} is not a whole number"))),
+        Value::String(t) => {
+            crate::config::parse_size(t).map_err(|e| RpcError::invalid_params(format!("size: {e}")))
+        }
+        other => Err(RpcError::invalid_params(format!(
+            "size: expected a number of bytes or a string such as \"8G\", got {other}"
+        ))),
+    }
+}
+
+/// `snapshot {path}`: a point-in-time copy of the disk at `path` (new,
+/// absolute), taken with a reflink while the queues are held.
+pub fn snapshot(s: &Served, params: &Value) -> Result<Value, RpcError> {
+    let path = params
+        .as_object()
+        .and_then(|o| o.get("path"))
+        .and_then(Value::as_str)
+        .map(PathBuf::from)
+        .ok_or_else(|| RpcError::invalid_params("expected {\"path\": \"/absolute/new/file\"}"))?;
+    if !path.is_absolute() {
+        return Err(RpcError::invalid_params(format!(
+            "path {}: must be absolute (the daemon's working directory is not the client's)",
+            path.display()
+        )));
+    }
+    if matches!(*s.image, Image::Null { .. }) {
+        return Err(RpcError::invalid_params(
+            "a null device has no data to snapshot",
+        ));
+    }
+    // Both files are made before the guest is held: a name that exists
+    // fails here, and nothing is ever overwritten.
+    let mut made = Made::default();
+    let file = made.create(&path)?;
+    let descriptor = match &s.descriptor {
+        Some(d) => {
+            let p = KeyDescriptor::path_for(&path);
+            Some((made.create(&p)?, p, d))
+        }
+        None => None,
+    };
+
+    let current = lock(&s.device);
+    let t = Instant::now();
+    let cloned = {
+        let _paused = current
+            .as_ref()
+            .map(|d| d.pause())
+            .transpose()
+            .map_err(|e| RpcError::server(format!("pausing the queues: {e}")))?;
+        s.image
+            .sync()
+            .map_err(|e| RpcError::server(format!("flushing the image: {e}")))?;
+        s.image.reflink_to(&file)
+    };
+    let pause_ms = t.elapsed().as_secs_f64() * 1e3;
+    drop(current);
+    if let Err(e) = cloned {
+        return Err(RpcError::server(no_reflink_reason(&path, &e)));
+    }
+
+    let io_err = |what: &str, p: &Path, e: io::Error| {
+        RpcError::server(format!("{what} {}: {e}", p.display()))
+    };
+    let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+    file.sync_all()
+        .map_err(|e| io_err("syncing the snapshot", &path, e))?;
+    let descriptor_path = match descriptor {
+        Some((mut f, p, d)) => {
+            f.write_all(d.text().as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(|e| io_err("writing the key descriptor", &p, e))?;
+            Some(p)
+        }
+        None => None,
+    };
+    // The new names are durable once their file system is synced (the
+    // daemon cannot open the directory itself).
+    // SAFETY: syncfs on a valid, open descriptor.
+    if unsafe { libc::syncfs(file.as_raw_fd()) } != 0 {
+        return Err(io_err(
+            "syncing the file system of",
+            &path,
+            io::Error::last_os_error(),
+        ));
+    }
+    made.keep();
+    tracing::info!(path = %path.display(), pause_ms, bytes, "snapshot taken");
+    Ok(json!({
+        "path": path.display().to_string(),
+        "key_descriptor": descriptor_path.map(|p| p.display().to_string()),
+        "bytes": bytes,
+        "pause_ms": pause_ms,
+    }))
+}
+
+/// Why a reflink failed, in the operator's terms.
+fn no_reflink_reason(path: &Path, e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOTTY) => format!(
+            "snapshot {}: the file system has no reflinks ({e}); snapshots need the image on \
+             XFS (mkfs.xfs -m reflink=1) or btrfs, and are never a full copy that would hold \
+             the guest",
+            path.display()
+        ),
+        Some(libc::EXDEV) => format!(
+            "snapshot {}: not on the image's file system ({e}); a reflink cannot cross file systems",
+            path.display()
+        ),
+        _ => format!("snapshot {}: cloning the image: {e}", path.display()),
+    }
+}
+
+/// Files a method created, removed again unless it succeeds.
+#[derive(Default)]
+struct Made(Vec<PathBuf>);
+
+impl Made {
+    /// Creates `path`, which must not exist (0600: it holds the disk).
+    fn create(&mut self, path: &Path) -> Result<File, RpcError> {
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| {
+                RpcError::invalid_params(match e.kind() {
+                    io::ErrorKind::AlreadyExists => {
+                        format!(
+                            "{}: already exists; a snapshot never overwrites",
+                            path.display()
+                        )
+                    }
+                    _ => format!("cannot create {}: {e}", path.display()),
+                })
+            })?;
+        self.0.push(path.into());
+        Ok(f)
+    }
+
+    fn keep(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
