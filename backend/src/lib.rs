@@ -32,6 +32,7 @@ macro_rules! warn_limited {
     }};
 }
 
+pub mod clone;
 pub mod commands;
 pub mod config;
 pub mod control;

@@ -113,11 +113,49 @@ enum Command {
         kms_deadline: u64,
     },
 
+    /// Copy an image that is not being served, with a key of its own.
+    ///
+    /// Without --deep, DST keeps SRC's data key but opens only with a new
+    /// KEK (made at --kms if given, else in the local key store): its only
+    /// key slot is new and it has its own LUKS UUID. The data is shared with
+    /// a reflink where the file system has them (XFS, btrfs), else copied.
+    ///
+    /// With --deep, DST also gets a new data key: the data is decrypted and
+    /// encrypted again while it is copied. This is the deep rekey of a VM's
+    /// disk: snapshot it (`ctl ... snapshot`), clone the snapshot with
+    /// --deep, and serve the clone.
+    ///
+    /// DST appears only when complete (it is built as DST.partial).
+    Clone {
+        /// The image to copy (not served by a running device: use a snapshot).
+        src: PathBuf,
+        /// The new image (must not exist).
+        dst: PathBuf,
+        /// Make a new data key and re-encrypt.
+        #[arg(long)]
+        deep: bool,
+        /// KMS configuration: where SRC's KEK is (if at a KMS) and where the
+        /// new one is made.
+        #[arg(long, value_name = "FILE", conflicts_with = "keystore")]
+        kms: Option<PathBuf>,
+        /// Local key store folder (for a local old or new KEK).
+        #[arg(long, value_name = "DIR")]
+        keystore: Option<PathBuf>,
+        /// A passphrase file that opens SRC (instead of its key descriptor).
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        /// Seconds to keep retrying unreachable KMS servers.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        kms_deadline: u64,
+    },
+
     /// Ask a running `serve --control PATH` something, or change a setting.
     ///
     /// Methods: status, query-stats, metrics (Prometheus text),
     /// set-throttle (e.g. `total_iops_sec=1000 write_bytes_sec=50M`; 0
-    /// removes a limit). Parameters are key=value; sizes take K/M/G/T.
+    /// removes a limit), resize (`size=20G`; grows only, the guest is told),
+    /// snapshot (`path=/abs/new.img`; a reflink copy, XFS or btrfs).
+    /// Parameters are key=value; sizes take K/M/G/T.
     Ctl {
         /// The daemon's control socket.
         #[arg(long, value_name = "PATH")]
@@ -125,7 +163,7 @@ enum Command {
         /// Print the raw JSON result instead of readable text.
         #[arg(long)]
         json: bool,
-        /// status, query-stats, metrics or set-throttle.
+        /// status, query-stats, metrics, set-throttle, resize or snapshot.
         method: String,
         /// key=value parameters.
         params: Vec<String>,
@@ -282,6 +320,29 @@ fn main() -> ExitCode {
                     commands::rekey(&image, &source, p.as_ref(), dir, revoke_old)
                 }),
             )
+        }
+        Command::Clone {
+            src,
+            dst,
+            deep,
+            kms,
+            keystore,
+            passphrase_file,
+            kms_deadline,
+        } => {
+            init_logging(Some("warn"));
+            let mut source = key_source(keystore, kms, kms_deadline);
+            source.passphrase_file = passphrase_file;
+            done(new_provider(&source).and_then(|(p, dir)| {
+                vmcrypt::clone::clone(&vmcrypt::clone::CloneRequest {
+                    src: &src,
+                    dst: &dst,
+                    old: &source,
+                    new_provider: p.as_ref(),
+                    keystore: dir,
+                    deep,
+                })
+            }))
         }
         Command::Kms(KmsCommand::Check { kms }) => {
             init_logging(Some("warn"));

@@ -608,6 +608,16 @@ impl<'f> Luks<'f> {
             .map_err(io_err(&self.path, "cannot sync"))
     }
 
+    /// Gives the image a new LUKS UUID (a copy must not share its
+    /// source's). Nothing else in the header changes.
+    pub fn set_uuid(&mut self, uuid: &str) -> Result<(), LuksError> {
+        if uuid.len() >= 40 {
+            return Err(LuksError::Corrupt(format!("UUID '{uuid}' is too long")));
+        }
+        self.header.uuid = uuid.into();
+        self.write_header()
+    }
+
     fn write_header(&mut self) -> Result<(), LuksError> {
         self.file
             .write_all_at(&self.header.to_bytes(), 0)
