@@ -112,10 +112,17 @@ pub struct ServeOptions {
     pub poll_us: Option<u64>,
 
     /// Control socket (JSON-RPC 2.0, one object per line): status,
-    /// query-stats, metrics, set-throttle. Same mode and group as the
-    /// vhost-user socket. `vmcrypt ctl` is its client.
+    /// query-stats, metrics, set-throttle, resize, snapshot. Same mode and
+    /// group as the vhost-user socket. `vmcrypt ctl` and `vmcrypt top` are
+    /// its clients.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+
+    /// Serve the counters for Prometheus at http://ADDR:PORT/metrics (e.g.
+    /// 127.0.0.1:9864). Plain HTTP without authentication, read-only: bind
+    /// it to a loopback or management address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
 
     /// Permissions of the socket, octal [default: 0600].
     #[arg(long, value_name = "MODE")]
@@ -209,6 +216,7 @@ impl ServeOptions {
             control: self
                 .control
                 .or_else(|| file.control.map(|p| relative_to(&path, p))),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
             socket_mode: self.socket_mode.or(file.socket_mode),
             socket_group: self.socket_group.or(file.socket_group),
             log_level: self.log_level.or(file.log_level),
@@ -271,6 +279,7 @@ pub struct ServeConfig {
     pub socket_mode: u32,
     pub socket_group: Option<String>,
     pub control: Option<PathBuf>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub poll_us: u64,
     pub keys: crate::keys::KeySource,
     pub seccomp: crate::seccomp::SeccompMode,
@@ -374,6 +383,17 @@ impl TryFrom<ServeOptions> for ServeConfig {
             socket_mode,
             socket_group: o.socket_group,
             control: o.control,
+            metrics_listen: o
+                .metrics_listen
+                .map(|a| {
+                    a.parse().map_err(|e| {
+                        invalid(
+                            "metrics-listen",
+                            format!("'{a}': {e} (expected ADDR:PORT, e.g. 127.0.0.1:9864)"),
+                        )
+                    })
+                })
+                .transpose()?,
             keys: crate::keys::KeySource {
                 passphrase_file: o.passphrase_file,
                 keystore: o.keystore,

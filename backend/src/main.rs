@@ -169,6 +169,21 @@ enum Command {
         params: Vec<String>,
     },
 
+    /// A live view of a served disk (`serve --control PATH`): per queue,
+    /// read and write IOPS, MB/s, requests in flight and latency p50/p99
+    /// over the last interval. Ctrl-C ends it.
+    Top {
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Seconds between refreshes.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many refreshes (for scripts) [default: run until interrupted].
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+
     /// KMS tools.
     #[command(subcommand)]
     Kms(KmsCommand),
@@ -320,6 +335,21 @@ fn main() -> ExitCode {
                     commands::rekey(&image, &source, p.as_ref(), dir, revoke_old)
                 }),
             )
+        }
+        Command::Top {
+            control,
+            interval,
+            count,
+        } => {
+            if !(interval.is_finite() && interval >= 0.1) {
+                eprintln!("vmcrypt: error: --interval {interval}: at least 0.1 s");
+                return ExitCode::FAILURE;
+            }
+            let every = std::time::Duration::from_secs_f64(interval);
+            match vmcrypt::control::top::run(&control, every, count) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(&e),
+            }
         }
         Command::Clone {
             src,

@@ -2,7 +2,6 @@
 //! per connection, the image kept open across them), and handles signals.
 
 use std::io;
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,6 +46,11 @@ pub enum ServeError {
     Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("control socket: {0}")]
     Control(#[source] io::Error),
+    #[error("--metrics-listen {addr}: cannot listen: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
 }
 
 /// Largest data segment we accept, and the most segments per request.
@@ -217,22 +221,41 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
     });
     let connected = Arc::new(AtomicBool::new(false));
     let current: Arc<Mutex<Option<BlockDevice>>> = Arc::default();
-    // The control socket is bound now, while binding is still allowed.
-    let control = match &cfg.control {
-        Some(path) => Some(bind_control(
-            path,
-            &cfg,
-            status_info(&cfg, opened.format, opened.key.clone(), &filters),
-            opened.throttle.clone(),
-            &connected,
-            Served {
+    // What the control socket and the metrics endpoint work on.
+    let control = (cfg.control.is_some() || cfg.metrics_listen.is_some()).then(|| {
+        Arc::new(Control {
+            info: status_info(&cfg, opened.format, opened.key.clone(), &filters),
+            metrics: disk.metrics.clone(),
+            // `open` puts a throttle in the pipeline whenever --control is
+            // set; the metrics endpoint alone changes no limit.
+            throttle: opened
+                .throttle
+                .clone()
+                .unwrap_or_else(|| Arc::new(Throttle::unlimited(usize::from(cfg.num_queues)))),
+            connected: connected.clone(),
+            started: std::time::Instant::now(),
+            served: Served {
                 image: image.clone(),
                 disk: disk.clone(),
                 device: current.clone(),
                 descriptor: opened.descriptor.clone(),
                 read_only: cfg.read_only,
             },
-        )?),
+        })
+    });
+    // Both are bound now, while binding is still allowed.
+    let control_socket = match &cfg.control {
+        Some(path) => Some((
+            listen::bind(path, cfg.socket_mode, cfg.socket_group.as_deref())?,
+            SocketFile(path.clone()),
+        )),
+        None => None,
+    };
+    let metrics_socket = match cfg.metrics_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|source| ServeError::MetricsListen { addr, source })?,
+        ),
         None => None,
     };
     let settings = DeviceSettings {
@@ -251,15 +274,20 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
     // may still create new files (snapshots); the threads started after
     // it, which serve the guest, may not.
     crate::seccomp::install(cfg.seccomp)?;
-    let control_file = match control {
-        Some((listener, control, file)) => {
-            crate::control::spawn(listener, control).map_err(ServeError::Control)?;
+    let control_file = match (control_socket, &control) {
+        (Some((listener, file)), Some(control)) => {
+            crate::control::spawn(listener, control.clone()).map_err(ServeError::Control)?;
             tracing::info!(socket = %file.0.display(), "control socket listening");
             Some(file)
         }
-        None => None,
+        _ => None,
     };
     crate::seccomp::confine_this_thread(cfg.seccomp)?;
+    if let (Some(listener), Some(control)) = (metrics_socket, &control) {
+        let address = listener.local_addr().map_err(ServeError::Control)?;
+        crate::control::http::spawn(listener, control.clone()).map_err(ServeError::Control)?;
+        tracing::info!(%address, "metrics served over HTTP at /metrics");
+    }
 
     let shared = Arc::new(Shared {
         socket: listening.owned_path.clone(),
@@ -354,29 +382,6 @@ fn status_info(
         filters: filters.iter().map(|f| f.name().to_string()).collect(),
         key,
     }
-}
-
-/// Binds the control socket at `path`; the methods are served once
-/// `control::spawn` is called.
-fn bind_control(
-    path: &std::path::Path,
-    cfg: &ServeConfig,
-    info: StatusInfo,
-    throttle: Option<Arc<Throttle>>,
-    connected: &Arc<AtomicBool>,
-    served: Served,
-) -> Result<(UnixListener, Control, SocketFile), ServeError> {
-    let listener = listen::bind(path, cfg.socket_mode, cfg.socket_group.as_deref())?;
-    let control = Control {
-        info,
-        metrics: served.disk.metrics.clone(),
-        // `open` puts a throttle in the pipeline whenever --control is set.
-        throttle: throttle.expect("a throttle with --control"),
-        connected: connected.clone(),
-        started: std::time::Instant::now(),
-        served,
-    };
-    Ok((listener, control, SocketFile(path.into())))
 }
 
 /// A socket file vmcrypt bound: removed when `serve` returns with an

@@ -640,3 +640,76 @@ fn snapshot_without_reflinks_is_refused() {
     assert_eq!(f.read(0, 0, 4096, 4096), 0);
     assert_eq!(f.buf(4096, 4096), &pattern(3, 4096)[..]);
 }
+
+/// GET over plain HTTP (one request per connection): (status line, body).
+fn http(addr: &str, request: &str) -> (String, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// `--metrics-listen`: Prometheus scrapes /metrics over HTTP (checked by
+/// its own parser), beside `vmcrypt top` showing the I/O live.
+#[test]
+fn metrics_over_http_and_top_show_live_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, control) = serve(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    d.wait_for_log("metrics served over HTTP");
+    let log = d.log_text();
+    let addr = log
+        .split("address=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in the log:\n{log}"))
+        .to_string();
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    for i in 0..7u64 {
+        assert_eq!(f.write(0, i * 4096, 0, 4096), 0);
+    }
+
+    let (status, body) = http(&addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let samples = parse_prometheus(&body);
+    let writes = samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == "vmcrypt_requests_total" && l.get("op").map(String::as_str) == Some("write")
+        })
+        .unwrap_or_else(|| panic!("no write counter in:\n{body}"));
+    assert_eq!(writes.2, 7.0);
+    assert!(http(&addr, "GET /nothing HTTP/1.1\r\n\r\n")
+        .0
+        .contains("404"));
+    assert!(http(&addr, "POST /metrics HTTP/1.1\r\n\r\n")
+        .0
+        .contains("405"));
+    // A client that sends nothing and hangs up harms nothing.
+    drop(std::net::TcpStream::connect(&addr).unwrap());
+
+    // top, twice half a second apart, while reads run.
+    let top = Command::new(BIN)
+        .args(["top", "--control", control.to_str().unwrap()])
+        .args(["--interval", "0.5", "--count", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    read_iops(&mut f, Duration::from_millis(1500));
+    let out = top.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("read IOPS"), "{text}");
+    let total: Vec<&str> = text
+        .lines()
+        .rfind(|l| l.trim_start().starts_with("total"))
+        .unwrap_or_else(|| panic!("no total row:\n{text}"))
+        .split_whitespace()
+        .collect();
+    let iops: f64 = total[1].parse().unwrap();
+    assert!(iops > 100.0, "top showed {iops} read IOPS:\n{text}");
+    assert_ne!(total[6], "-", "no read latency:\n{text}");
+    assert!(d.child_alive());
+}

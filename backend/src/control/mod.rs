@@ -13,9 +13,11 @@
 
 pub mod client;
 mod disk;
+pub mod http;
 mod prom;
 mod rpc;
 mod stats;
+pub mod top;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -62,8 +64,7 @@ pub struct Control {
 const MAX_CLIENTS: usize = 32;
 
 /// Serves `listener` on a thread of its own, for the life of the process.
-pub fn spawn(listener: UnixListener, control: Control) -> io::Result<()> {
-    let control = Arc::new(control);
+pub fn spawn(listener: UnixListener, control: Arc<Control>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || accept_loop(listener, control))?;
@@ -155,8 +156,21 @@ fn call(control: &Control, method: &str, params: &Value) -> Result<Value, RpcErr
             Ok(status(control))
         }
         "query-stats" => {
-            rpc::no_params(params)?;
-            Ok(stats::query(&control.metrics))
+            let histograms = match params {
+                Value::Null => false,
+                Value::Object(o) if o.is_empty() => false,
+                Value::Object(o) if o.len() == 1 && o.contains_key("histograms") => {
+                    o["histograms"].as_bool().ok_or_else(|| {
+                        RpcError::invalid_params("histograms: expected true or false")
+                    })?
+                }
+                _ => {
+                    return Err(RpcError::invalid_params(
+                        "query-stats takes no parameters but {\"histograms\": true}",
+                    ))
+                }
+            };
+            Ok(stats::query(&control.metrics, histograms))
         }
         "metrics" => {
             rpc::no_params(params)?;

@@ -31,7 +31,7 @@ impl Sums {
         self.in_flight += q.in_flight();
     }
 
-    fn to_json(&self) -> Map<String, Value> {
+    fn to_json(&self, histograms: bool) -> Map<String, Value> {
         let mut m = Map::new();
         for (i, name) in OP_NAMES.iter().enumerate() {
             m.insert(format!("{name}_ops"), self.ops[i].into());
@@ -52,6 +52,22 @@ impl Sums {
             );
         }
         m.insert("latency_us".into(), Value::Object(lat));
+        if histograms {
+            // Sparse: [bucket, count] for each bucket with a count.
+            let mut h = Map::new();
+            for (i, name) in OP_NAMES.iter().enumerate() {
+                let pairs: Vec<Value> = self.hist[i]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &n)| n > 0)
+                    .map(|(b, &n)| json!([b, n]))
+                    .collect();
+                if !pairs.is_empty() {
+                    h.insert((*name).into(), Value::Array(pairs));
+                }
+            }
+            m.insert("histograms".into(), Value::Object(h));
+        }
         m
     }
 }
@@ -59,17 +75,18 @@ impl Sums {
 /// The `query-stats` result: `{"total": {...}, "queues": [{"queue": 0, ...}]}`.
 /// Latencies are upper bounds of the histogram bucket the percentile
 /// falls in (within 12.5%), in microseconds, from when a request was taken
-/// from the ring to when it was returned.
-pub fn query(metrics: &DiskMetrics) -> Value {
+/// from the ring to when it was returned. With `histograms`, each also
+/// carries its latency histograms (`vmcrypt top` takes differences of them).
+pub fn query(metrics: &DiskMetrics, histograms: bool) -> Value {
     let mut total = Sums::default();
     let mut queues = Vec::new();
     for (i, q) in metrics.queues.iter().enumerate() {
         let mut s = Sums::default();
         s.add(q);
         total.add(q);
-        let mut m = s.to_json();
+        let mut m = s.to_json(histograms);
         m.insert("queue".into(), i.into());
         queues.push(Value::Object(m));
     }
-    json!({"total": Value::Object(total.to_json()), "queues": queues})
+    json!({"total": Value::Object(total.to_json(histograms)), "queues": queues})
 }
