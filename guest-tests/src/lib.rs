@@ -9,6 +9,7 @@ pub mod libvirt;
 pub mod qmp;
 pub mod vm;
 pub mod vmcrypt;
+pub mod xfs;
 
 pub use guest::GuestImage;
 pub use vm::{Accel, Disk, GuestRun, RunningVm, Vm};
