@@ -167,6 +167,18 @@ pub struct QueueWorker {
     /// guest publishes again while in flight is not taken twice, and a head
     /// is never returned twice.
     taken: Vec<bool>,
+    /// Requests returned in this batch, counted with one clock reading for
+    /// the whole batch (`count_returned`): a reading per request would cost
+    /// more than the rest of the counting.
+    returned_now: Vec<Returned>,
+}
+
+/// A returned request, for the counters.
+struct Returned {
+    op: Op,
+    bytes: u64,
+    status: Status,
+    started: Instant,
 }
 
 impl QueueWorker {
@@ -208,6 +220,7 @@ impl QueueWorker {
             counter: 1,
             taken: Vec::new(),
             dirty_log: None,
+            returned_now: Vec::new(),
         })
     }
 
@@ -269,7 +282,9 @@ impl QueueWorker {
 
     /// The guest kicked the queue: take every available request.
     pub fn on_kick(&mut self, vring: &Vring) -> io::Result<()> {
-        self.service(vring)
+        let r = self.service(vring);
+        self.count_returned();
+        r
     }
 
     /// Storage posted completions.
@@ -278,7 +293,9 @@ impl QueueWorker {
             // Non-blocking: nothing to read is fine, completions are reaped below.
             let _ = efd.read();
         }
-        self.service(vring)
+        let r = self.service(vring);
+        self.count_returned();
+        r
     }
 
     /// Takes requests from the ring and completions from storage until both
@@ -444,6 +461,24 @@ impl QueueWorker {
             }
             self.take(head, chain, queue, mem, now);
         }
+        self.count_returned();
+    }
+
+    /// Counts the requests returned since the last call, with one reading
+    /// of the clock: their latency runs to the end of their batch.
+    fn count_returned(&mut self) {
+        if self.returned_now.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for r in self.returned_now.drain(..) {
+            self.metrics.complete(
+                r.op,
+                r.bytes,
+                r.status,
+                now.saturating_duration_since(r.started),
+            );
+        }
     }
 
     /// Parses the chain at `head` and starts it, or refuses it.
@@ -534,7 +569,9 @@ impl QueueWorker {
     pub fn on_timer(&mut self, vring: &Vring) -> io::Result<()> {
         self.timer.consume();
         self.run_deferred(vring, false)?;
-        self.poll_recovery(vring)
+        let r = self.poll_recovery(vring);
+        self.count_returned();
+        r
     }
 
     /// Requests in flight before a restart are resubmitted without waiting
@@ -573,6 +610,7 @@ impl QueueWorker {
             }
             self.complete_reaped(&mut state, &mem)?;
         }
+        self.count_returned();
         self.notify(&mut state)
     }
 
@@ -617,7 +655,12 @@ impl QueueWorker {
         let req = &self.slots[idx].req;
         match status {
             // A request of a known type that fails: counted as one.
-            Some(st) if req.op_known => self.metrics.complete(req.op, 0, st, req.started.elapsed()),
+            Some(st) if req.op_known => self.returned_now.push(Returned {
+                op: req.op,
+                bytes: 0,
+                status: st,
+                started: req.started,
+            }),
             _ => self.metrics.refuse(),
         }
         self.give_back(idx, status, 0, queue, mem);
@@ -748,6 +791,7 @@ impl QueueWorker {
                 break;
             }
         }
+        self.count_returned();
         self.kick_storage(&mut state, &mem)?;
         self.notify(&mut state)
     }
@@ -860,6 +904,7 @@ impl QueueWorker {
                     self.notify(state)?;
                 }
             }
+            self.count_returned();
             reaped.clear();
             self.reaped = reaped;
             // Completions may have queued continuations: start them.
@@ -948,8 +993,12 @@ impl QueueWorker {
         let slot = &mut self.slots[idx];
         let status = self.pipeline.complete(&mut slot.req, slot.stage, status);
         let req = &slot.req;
-        self.metrics
-            .complete(req.op, req.len, status, req.started.elapsed());
+        self.returned_now.push(Returned {
+            op: req.op,
+            bytes: req.len,
+            status,
+            started: req.started,
+        });
         let written = if status == Status::Ok {
             slot.req.written
         } else {
