@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need=()
-for cmd in qemu-system-x86_64 qemu-storage-daemon qemu-img qemu-io fio cryptsetup libvirtd virtlogd virsh openssl mkfs.xfs; do
+for cmd in qemu-system-x86_64 qemu-storage-daemon qemu-img qemu-io fio cryptsetup libvirtd virtlogd virsh openssl mkfs.xfs ceph-mon ceph-osd rbd; do
   command -v "$cmd" >/dev/null 2>&1 || need+=("$cmd")
 done
 [ -x /bin/busybox ] || need+=(busybox)
@@ -23,4 +23,5 @@ apt-get install -y -q --allow-downgrades --no-install-recommends \
   "qemu-system-x86=$qver" "qemu-utils=$qver" "qemu-system-common=$qver" \
   "qemu-block-extra=$qver" qemu-system-data \
   fio cryptsetup-bin busybox-static openssl python3-venv xfsprogs \
+  ceph-mon ceph-osd ceph-common \
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu
