@@ -53,9 +53,11 @@ pub enum CacheMode {
 #[derive(clap::Args, Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServeOptions {
-    /// The disk image to serve (a file or block device), or `null:SIZE` for a
-    /// device that reads zeroes and drops writes (e.g. `null:1G`).
-    #[arg(long, value_name = "PATH|null:SIZE")]
+    /// The disk image to serve: a file or block device, `rbd:POOL/IMAGE`
+    /// (or `rbd:POOL/NAMESPACE/IMAGE`) for a Ceph RBD image through librbd,
+    /// or `null:SIZE` for a device that reads zeroes and drops writes (e.g.
+    /// `null:1G`).
+    #[arg(long, value_name = "PATH|rbd:POOL/IMAGE|null:SIZE")]
     pub image: Option<String>,
 
     /// The unix socket QEMU connects to (`-chardev socket,path=...`).
@@ -167,6 +169,21 @@ pub struct ServeOptions {
     #[arg(long, value_name = "SECS")]
     pub kms_deadline: Option<u64>,
 
+    /// For an rbd: image, the Ceph configuration (monitors, auth, keyring)
+    /// [default: /etc/ceph/ceph.conf].
+    #[arg(long, value_name = "FILE")]
+    pub ceph_conf: Option<PathBuf>,
+
+    /// For an rbd: image, the cephx user without "client." (its keyring is
+    /// found through the Ceph configuration) [default: admin].
+    #[arg(long, value_name = "NAME")]
+    pub ceph_id: Option<String>,
+
+    /// For an rbd: image, how long to keep trying to reach the monitors at
+    /// start, in seconds [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub ceph_deadline: Option<u64>,
+
     /// Syscall filter installed once started: `on` (a syscall outside
     /// vmcrypt's allow-list ends the daemon, naming it), `log` (allowed, but
     /// recorded in the kernel's audit log) or `off` [default: on].
@@ -230,6 +247,11 @@ impl ServeOptions {
                 .or_else(|| file.passphrase_file.map(|p| relative_to(&path, p))),
             kms: self.kms.or_else(|| file.kms.map(|p| relative_to(&path, p))),
             kms_deadline: self.kms_deadline.or(file.kms_deadline),
+            ceph_conf: self
+                .ceph_conf
+                .or_else(|| file.ceph_conf.map(|p| relative_to(&path, p))),
+            ceph_id: self.ceph_id.or(file.ceph_id),
+            ceph_deadline: self.ceph_deadline.or(file.ceph_deadline),
             max_pbkdf2_iterations: self.max_pbkdf2_iterations.or(file.max_pbkdf2_iterations),
             seccomp: self.seccomp.or(file.seccomp),
             config: Some(path),
@@ -261,6 +283,7 @@ fn relative_to(config: &Path, p: PathBuf) -> PathBuf {
 pub enum ImageSpec {
     Null { size: u64 },
     File(PathBuf),
+    Rbd(crate::rbd::RbdSpec),
 }
 
 /// Checked settings for `serve`.
@@ -283,6 +306,8 @@ pub struct ServeConfig {
     pub poll_us: u64,
     pub keys: crate::keys::KeySource,
     pub seccomp: crate::seccomp::SeccompMode,
+    /// How to reach the cluster of an rbd: image.
+    pub ceph: crate::rbd::CephOptions,
 }
 
 impl TryFrom<ServeOptions> for ServeConfig {
@@ -293,6 +318,9 @@ impl TryFrom<ServeOptions> for ServeConfig {
             s if s.starts_with("null:") => ImageSpec::Null {
                 size: parse_size(&s["null:".len()..]).map_err(|e| invalid("image", e))?,
             },
+            s if s.starts_with("rbd:") => ImageSpec::Rbd(
+                crate::rbd::RbdSpec::parse(&s["rbd:".len()..]).map_err(|e| invalid("image", e))?,
+            ),
             s if s.is_empty() => return Err(invalid("image", "empty path")),
             s => ImageSpec::File(s.into()),
         };
@@ -345,6 +373,13 @@ impl TryFrom<ServeOptions> for ServeConfig {
                     name
                 }
                 ImageSpec::Null { .. } => "vmcrypt-null".into(),
+                ImageSpec::Rbd(r) => {
+                    let mut name = r.image.clone();
+                    while name.len() > 20 {
+                        name.pop();
+                    }
+                    name
+                }
             },
         };
         let socket_mode = match o.socket_mode {
@@ -404,6 +439,11 @@ impl TryFrom<ServeOptions> for ServeConfig {
                     .unwrap_or(vmcrypt_crypto::luks::DEFAULT_MAX_ITERATIONS),
             },
             seccomp: o.seccomp.unwrap_or_default(),
+            ceph: crate::rbd::CephOptions {
+                conf: o.ceph_conf.unwrap_or_else(|| "/etc/ceph/ceph.conf".into()),
+                id: o.ceph_id,
+                deadline: std::time::Duration::from_secs(o.ceph_deadline.unwrap_or(30)),
+            },
             poll_us: match o.poll_us.unwrap_or(32) {
                 us if us <= 1000 => us,
                 _ => return Err(invalid("poll-us", "at most 1000")),

@@ -68,7 +68,11 @@ pub const BLOCKED_EXIT: i32 = 128 + libc::SIGSYS;
 /// Installs the allow-list on every thread of the process (threads started
 /// later inherit it). Files may still be created, not opened: call
 /// [`confine_this_thread`] once the threads that create files have started.
-pub fn install(mode: SeccompMode) -> Result<(), SeccompError> {
+///
+/// `network`: the storage is reached over the network (Ceph RBD): librados'
+/// threads may open TCP connections to the cluster (a monitor or OSD that
+/// restarts, a new OSD) for as long as the daemon runs.
+pub fn install(mode: SeccompMode, network: bool) -> Result<(), SeccompError> {
     let action = match mode {
         SeccompMode::Off => return Ok(()),
         SeccompMode::On => {
@@ -80,8 +84,13 @@ pub fn install(mode: SeccompMode) -> Result<(), SeccompError> {
         }
         SeccompMode::Log => SeccompAction::Log,
     };
-    seccompiler::apply_filter_all_threads(&program(action)?)?;
-    tracing::info!(mode = ?mode, syscalls = allowed().len(), "seccomp filter installed");
+    seccompiler::apply_filter_all_threads(&program_for(action, network)?)?;
+    tracing::info!(
+        mode = ?mode,
+        syscalls = allowed(network).len(),
+        network,
+        "seccomp filter installed"
+    );
     Ok(())
 }
 
@@ -96,8 +105,13 @@ pub fn confine_this_thread(mode: SeccompMode) -> Result<(), SeccompError> {
 
 /// The compiled filter: the allow-list, `mismatch` for everything else.
 pub fn program(mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
+    program_for(mismatch, false)
+}
+
+/// As [`program`], with the network calls of a Ceph client if `network`.
+pub fn program_for(mismatch: SeccompAction, network: bool) -> Result<BpfProgram, SeccompError> {
     let filter = SeccompFilter::new(
-        allowed(),
+        allowed(network),
         mismatch,
         SeccompAction::Allow,
         std::env::consts::ARCH
@@ -187,7 +201,7 @@ fn any_of(conditions: impl IntoIterator<Item = SeccompCondition>) -> Vec<Seccomp
 
 /// The syscalls `serve` makes once started, with argument rules where they
 /// matter. An empty rule list allows the syscall with any arguments.
-fn allowed() -> BTreeMap<i64, Vec<SeccompRule>> {
+fn allowed(network: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut m: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let any: &[libc::c_long] = &[
         // Accepting frontends and the vhost-user protocol (fds in SCM_RIGHTS).
@@ -282,8 +296,27 @@ fn allowed() -> BTreeMap<i64, Vec<SeccompRule>> {
     for nr in open_syscalls() {
         m.insert(nr, vec![]);
     }
-    // Unix sockets only: no network once started.
-    m.insert(libc::SYS_socket, any_of([eq(0, libc::AF_UNIX as u64)]));
+    // Unix sockets only: no network once started, unless the storage is
+    // on the network (RBD), whose client connects over TCP.
+    if network {
+        m.insert(
+            libc::SYS_socket,
+            any_of([libc::AF_UNIX, libc::AF_INET, libc::AF_INET6].map(|f| eq(0, f as u64))),
+        );
+        for nr in [
+            libc::SYS_connect,
+            libc::SYS_bind,
+            libc::SYS_getpeername,
+            libc::SYS_poll,
+            libc::SYS_epoll_create,
+            libc::SYS_pipe2,
+            libc::SYS_uname,
+        ] {
+            m.insert(nr, vec![]);
+        }
+    } else {
+        m.insert(libc::SYS_socket, any_of([eq(0, libc::AF_UNIX as u64)]));
+    }
     // New threads. clone's flags must hold CLONE_THREAD; clone3 passes its
     // flags in memory seccomp cannot read, so it is allowed as it is (a
     // process made with it would still inherit this filter: no execve).

@@ -46,6 +46,8 @@ pub enum ServeError {
     Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("control socket: {0}")]
     Control(#[source] io::Error),
+    #[error(transparent)]
+    Rbd(#[from] crate::rbd::RbdError),
     #[error("--metrics-listen {addr}: cannot listen: {source}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -131,6 +133,28 @@ fn open(cfg: &ServeConfig) -> Result<Opened, ServeError> {
     let mut descriptor = None;
     let (image, format, key) = match &cfg.image {
         ImageSpec::Null { size } => (Image::Null { capacity: *size }, "raw", None),
+        ImageSpec::Rbd(spec) => {
+            if cfg.format == Some(ImageFormat::Luks) || cfg.keys.passphrase_file.is_some() {
+                return Err(ServeError::Rbd(crate::rbd::RbdError::Call {
+                    what: format!("{spec}"),
+                    source: io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "encrypted RBD images are not supported yet; serve it raw",
+                    ),
+                }));
+            }
+            let rbd = crate::rbd::RbdImage::open(spec, &cfg.ceph, cfg.read_only)?;
+            let size = rbd.size();
+            if size == 0 || !size.is_multiple_of(u64::from(cfg.block_size)) {
+                return Err(ServeError::Storage(StorageError::Misaligned {
+                    path: spec.to_string().into(),
+                    size,
+                    block_size: cfg.block_size,
+                }));
+            }
+            tracing::info!(image = %spec, size, "RBD image open");
+            (Image::Rbd(Arc::new(rbd)), "raw", None)
+        }
         ImageSpec::File(path) => {
             let file = storage::open(path, cfg.read_only)?;
             match keys::decide_format(path, &file, cfg.format, &cfg.keys)? {
@@ -210,7 +234,7 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
         },
         data_offset: match &*image {
             Image::File { data_offset, .. } => *data_offset,
-            Image::Null { .. } => 0,
+            Image::Null { .. } | Image::Rbd(_) => 0,
         },
         capacity: Capacity::new(image.capacity()),
         serial,
@@ -273,7 +297,7 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
     // opens no file: narrow the syscalls it may make. The control thread
     // may still create new files (snapshots); the threads started after
     // it, which serve the guest, may not.
-    crate::seccomp::install(cfg.seccomp)?;
+    crate::seccomp::install(cfg.seccomp, matches!(cfg.image, ImageSpec::Rbd(_)))?;
     let control_file = match (control_socket, &control) {
         (Some((listener, file)), Some(control)) => {
             crate::control::spawn(listener, control.clone()).map_err(ServeError::Control)?;
@@ -370,6 +394,7 @@ fn status_info(
         image: match &cfg.image {
             ImageSpec::File(p) => p.display().to_string(),
             ImageSpec::Null { size } => format!("null:{size}"),
+            ImageSpec::Rbd(spec) => spec.to_string(),
         },
         format,
         block_size: cfg.block_size,

@@ -53,6 +53,8 @@ pub enum Image {
         /// `--cache none`: the descriptor the queues' io_uring uses.
         direct: Option<DirectIo>,
     },
+    /// A Ceph RBD image, one handle shared by every queue.
+    Rbd(Arc<crate::rbd::RbdImage>),
 }
 
 impl Image {
@@ -87,6 +89,7 @@ impl Image {
     pub fn capacity(&self) -> u64 {
         match self {
             Image::Null { capacity } | Image::File { capacity, .. } => *capacity,
+            Image::Rbd(r) => r.size(),
         }
     }
 
@@ -161,6 +164,12 @@ impl Image {
     /// size it has, and a null device has nothing to grow.
     pub fn grow(&self, capacity: u64) -> io::Result<()> {
         use std::os::unix::fs::FileTypeExt;
+        if let Image::Rbd(_) = self {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "resizing an RBD image is not supported yet (rbd resize, then restart)",
+            ));
+        }
         let Image::File {
             file, data_offset, ..
         } = self
@@ -188,7 +197,8 @@ impl Image {
         let Image::File { file, .. } = self else {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                "a null device has no file to copy",
+                "only an image file can be copied with a reflink (not a null device or an RBD \
+                 image)",
             ));
         };
         reflink(file, dst)
@@ -199,6 +209,7 @@ impl Image {
         match self {
             Image::Null { .. } => Ok(()),
             Image::File { file, .. } => file.sync_data(),
+            Image::Rbd(r) => r.flush(),
         }
     }
 }
@@ -281,11 +292,14 @@ pub enum IoOp<'a> {
         iovs: &'a [Iov],
     },
     Flush,
-    /// fallocate(2) with `mode` over the range.
+    /// fallocate(2) with `mode` over the range. `zeroes`: the range must
+    /// read back as zeroes (WRITE_ZEROES, not DISCARD), for storage that
+    /// tells the two apart (RBD).
     Fallocate {
         offset: u64,
         len: u64,
         mode: i32,
+        zeroes: bool,
     },
 }
 
@@ -293,6 +307,7 @@ pub enum IoOp<'a> {
 pub enum QueueStorage {
     Null,
     Uring(Box<UringQueue>),
+    Rbd(Box<crate::rbd::RbdQueue>),
 }
 
 /// The result of handing an operation to storage.
@@ -312,6 +327,9 @@ impl QueueStorage {
                 let file = direct.as_ref().map_or(file, |d| &d.file);
                 Ok(QueueStorage::Uring(Box::new(UringQueue::new(file, depth)?)))
             }
+            Image::Rbd(r) => Ok(QueueStorage::Rbd(Box::new(
+                crate::rbd::RbdQueue::new(r.clone()).map_err(StorageError::Uring)?,
+            ))),
         }
     }
 
@@ -326,6 +344,8 @@ impl QueueStorage {
             QueueStorage::Null => Submitted::Done(null_io(op)),
             // SAFETY: forwarded from the caller.
             QueueStorage::Uring(u) => unsafe { u.push(tag, op) },
+            // SAFETY: forwarded from the caller.
+            QueueStorage::Rbd(r) => unsafe { r.submit(tag, op) },
         }
     }
 
@@ -334,11 +354,16 @@ impl QueueStorage {
         match self {
             QueueStorage::Null => Ok(()),
             QueueStorage::Uring(u) => u.kick(wait),
+            QueueStorage::Rbd(r) => r.wait(wait),
         }
     }
 
     /// Calls `f(tag, result)` for every completion posted so far.
     pub fn reap(&mut self, mut f: impl FnMut(u64, i64)) {
+        if let QueueStorage::Rbd(r) = self {
+            r.reap(f);
+            return;
+        }
         if let QueueStorage::Uring(u) = self {
             for (tag, res) in u.backlog.drain(..) {
                 f(tag, res);
@@ -355,6 +380,7 @@ impl QueueStorage {
     pub fn has_completions(&mut self) -> bool {
         match self {
             QueueStorage::Null => false,
+            QueueStorage::Rbd(r) => r.has_completions(),
             QueueStorage::Uring(u) => {
                 if !u.backlog.is_empty() {
                     return true;
@@ -370,6 +396,7 @@ impl QueueStorage {
         match self {
             QueueStorage::Null => 0,
             QueueStorage::Uring(u) => u.in_flight + u.pending,
+            QueueStorage::Rbd(r) => r.in_flight(),
         }
     }
 
@@ -378,6 +405,7 @@ impl QueueStorage {
         match self {
             QueueStorage::Null => None,
             QueueStorage::Uring(u) => Some(&u.eventfd),
+            QueueStorage::Rbd(r) => Some(r.completion_fd()),
         }
     }
 }
@@ -465,7 +493,9 @@ impl UringQueue {
             IoOp::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
-            IoOp::Fallocate { offset, len, mode } => opcode::Fallocate::new(fd, len)
+            IoOp::Fallocate {
+                offset, len, mode, ..
+            } => opcode::Fallocate::new(fd, len)
                 .offset(offset)
                 .mode(mode)
                 .build(),

@@ -858,6 +858,7 @@ impl QueueWorker {
                             offset: base + req.offset,
                             len: req.len,
                             mode,
+                            zeroes: matches!(req.op, Op::WriteZeroes { .. }),
                         },
                     )
                 }

@@ -1,0 +1,474 @@
+//! `--image rbd:POOL/IMAGE`: the libblkio suite against an RBD image on a
+//! real single-node Ceph cluster (one monitor, one memstore OSD, started by
+//! `ci/ceph.sh` for this test process), and what is refused at start.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use blkio::ReqFlags;
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A cluster under a temporary folder; `ci/ceph.sh stop` at drop or exit.
+struct Ceph {
+    dir: PathBuf,
+    conf: PathBuf,
+}
+
+fn ceph_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ci/ceph.sh")
+}
+
+impl Ceph {
+    fn start(cephx: bool) -> Ceph {
+        assert!(
+            Command::new("ceph-mon").arg("--version").output().is_ok(),
+            "ceph-mon missing: install Ceph with ci/install-deps.sh"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("vmcrypt-ceph")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut c = Command::new("bash");
+        c.arg(ceph_script()).arg("start").arg(&dir);
+        if cephx {
+            c.arg("--cephx");
+        }
+        let out = c.env("CEPH_PORT", port.to_string()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ci/ceph.sh start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ceph {
+            conf: dir.join("ceph.conf"),
+            dir,
+        }
+    }
+
+    fn stop(dir: &Path) {
+        let _ = Command::new("bash")
+            .arg(ceph_script())
+            .arg("stop")
+            .arg(dir)
+            .output();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn rbd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("rbd")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// A new image `rbd/NAME` of `size` bytes.
+    fn create(&self, name: &str, size: u64) -> String {
+        let out = self.rbd(&[
+            "create",
+            &format!("rbd/{name}"),
+            "--size",
+            &format!("{}K", size / 1024),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!("rbd:rbd/{name}")
+    }
+
+    /// The image's bytes, as `rbd export` reads them.
+    fn export(&self, name: &str) -> Vec<u8> {
+        let out = self.rbd(&["export", &format!("rbd/{name}"), "-"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    fn serve(&self, dir: &Path, name: &str, spec: &str, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--image", spec, "--ceph-conf", self.conf.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Daemon::start(dir, name, &args)
+    }
+}
+
+impl Drop for Ceph {
+    fn drop(&mut self) {
+        Ceph::stop(&self.dir);
+    }
+}
+
+/// The cluster the tests of this process share (stopped at exit).
+fn cluster() -> &'static Ceph {
+    static CEPH: OnceLock<Ceph> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    extern "C" fn stop_at_exit() {
+        if let Some(d) = DIR.get() {
+            Ceph::stop(d);
+        }
+    }
+    CEPH.get_or_init(|| {
+        let c = Ceph::start(false);
+        DIR.set(c.dir.clone()).unwrap();
+        // SAFETY: registers a plain function with no arguments.
+        unsafe { libc::atexit(stop_at_exit) };
+        c
+    })
+}
+
+#[test]
+fn write_then_read_back_multi_segment_first_and_last_sector() {
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * MIB;
+    let spec = ceph.create("rw", size);
+    let d = ceph.serve(dir.path(), "rw", &spec, &[]);
+    let _show = ShowLog(d.log.clone());
+    let mut f = Frontend::connect(&d.socket, 1, 4 * MIB as usize);
+    assert_eq!(f.capacity, size);
+    let data = pattern(7, 12288);
+    f.buf(0, 12288).copy_from_slice(&data);
+    let iov = |base: *mut u8, len| libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
+    };
+    let w = [
+        iov(f.ptr(0), 512),
+        iov(f.ptr(512), 7680),
+        iov(f.ptr(8192), 4096),
+    ];
+    f.queues[0].writev(MIB, w.as_ptr(), 3, 0, ReqFlags::empty());
+    assert_eq!(f.wait(0), 0);
+    let r = [
+        iov(f.ptr(MIB as usize), 4096),
+        iov(f.ptr(2 * MIB as usize), 8192),
+    ];
+    f.queues[0].readv(MIB, r.as_ptr(), 2, 0, ReqFlags::empty());
+    assert_eq!(f.wait(0), 0);
+    assert_eq!(f.buf(MIB as usize, 4096), &data[..4096]);
+    assert_eq!(f.buf(2 * MIB as usize, 8192), &data[4096..]);
+    for (seed, off) in [(1, 0), (2, size - 512)] {
+        f.buf(0, 512).copy_from_slice(&pattern(seed, 512));
+        assert_eq!(f.write(0, off, 0, 512), 0);
+        f.buf(4096, 512).fill(0);
+        assert_eq!(f.read(0, off, 4096, 512), 0);
+        assert_eq!(f.buf(4096, 512), &pattern(seed, 512)[..]);
+    }
+    assert_eq!(f.flush(0), 0);
+    drop(f);
+    // RBD itself holds the data at the same offsets.
+    let image = ceph.export("rw");
+    assert_eq!(&image[MIB as usize..MIB as usize + 12288], &data[..]);
+    assert_eq!(&image[(size - 512) as usize..], &pattern(2, 512)[..]);
+}
+
+#[test]
+fn discard_and_write_zeroes_read_back_zeroes() {
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ceph.create("zeroes", 16 * MIB);
+    let d = ceph.serve(dir.path(), "zeroes", &spec, &[]);
+    let mut f = Frontend::connect(&d.socket, 1, 2 * MIB as usize);
+    let orig = pattern(3, MIB as usize);
+    f.buf(0, MIB as usize).copy_from_slice(&orig);
+    for off in [0, 4 * MIB, 8 * MIB] {
+        assert_eq!(f.write(0, off, 0, MIB as usize), 0);
+    }
+    f.queues[0].write_zeroes(4096, 65536, 0, ReqFlags::NO_UNMAP);
+    assert_eq!(f.wait(0), 0);
+    f.queues[0].write_zeroes(4 * MIB + 8192, 16384, 0, ReqFlags::empty());
+    assert_eq!(f.wait(0), 0);
+    f.queues[0].discard(8 * MIB, MIB, 0, ReqFlags::empty());
+    assert_eq!(f.wait(0), 0);
+    assert_eq!(f.read(0, 0, MIB as usize, 128 << 10), 0);
+    let back = f.buf(MIB as usize, 128 << 10).to_vec();
+    assert_eq!(&back[..4096], &orig[..4096]);
+    assert!(back[4096..4096 + 65536].iter().all(|&b| b == 0));
+    assert_eq!(&back[69632..], &orig[69632..128 << 10]);
+    assert_eq!(f.read(0, 4 * MIB + 8192, MIB as usize, 16384), 0);
+    assert!(f.buf(MIB as usize, 16384).iter().all(|&b| b == 0));
+    // A discarded RBD range reads back zeroes.
+    assert_eq!(f.read(0, 8 * MIB, MIB as usize, MIB as usize), 0);
+    assert!(f.buf(MIB as usize, MIB as usize).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn read_only_and_bad_requests() {
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let spec = ceph.create("ro", size);
+    {
+        let d = ceph.serve(dir.path(), "rw", &spec, &[]);
+        let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+        f.buf(0, 8192).copy_from_slice(&pattern(5, 8192));
+        assert_eq!(f.write(0, 0, 0, 8192), 0);
+        // Out of range, straddling the end, not whole sectors.
+        assert!(f.read(0, size, 0, 512) < 0);
+        assert!(f.write(0, size - 512, 0, 1024) < 0);
+        assert!(f.read(0, u64::MAX - 511, 0, 512) < 0);
+        assert!(f.write(0, 0, 0, 100) < 0);
+        f.queues[0].discard(size - 4096, 8192, 0, ReqFlags::empty());
+        assert!(f.wait(0) < 0);
+        assert_eq!(f.read(0, 0, 16384, 8192), 0);
+        assert_eq!(f.buf(16384, 8192), &pattern(5, 8192)[..]);
+        assert!(d.child_alive());
+    }
+    let d = ceph.serve(dir.path(), "ro", &spec, &["--read-only"]);
+    let mut f = Frontend::connect_with(&d.socket, 1, MIB as usize, true);
+    f.buf(0, 4096).fill(0xee);
+    assert!(f.write(0, 0, 0, 4096) < 0);
+    f.queues[0].discard(0, 4096, 0, ReqFlags::empty());
+    assert!(f.wait(0) < 0);
+    assert_eq!(f.read(0, 0, 0, 8192), 0);
+    assert_eq!(f.buf(0, 8192), &pattern(5, 8192)[..]);
+    drop(f);
+    assert_eq!(&ceph.export("ro")[..8192], &pattern(5, 8192)[..]);
+}
+
+#[test]
+fn two_queues_and_reconnects_keep_the_data() {
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ceph.create("queues", 16 * MIB);
+    let d = ceph.serve(dir.path(), "queues", &spec, &["--num-queues", "2"]);
+    for round in 0..3u64 {
+        let mut f = Frontend::connect(&d.socket, 2, MIB as usize);
+        if round > 0 {
+            for q in 0..2 {
+                let off = (round - 1) * MIB + q as u64 * 8 * MIB;
+                assert_eq!(f.read(q, off, 0, 65536), 0);
+                assert_eq!(f.buf(0, 65536), &pattern(off, 65536)[..], "round {round}");
+            }
+        }
+        // Both queues at once: one request in flight on each.
+        for q in 0..2usize {
+            let off = round * MIB + q as u64 * 8 * MIB;
+            let at = q * 65536;
+            f.buf(at, 65536).copy_from_slice(&pattern(off, 65536));
+            let p = f.ptr(at);
+            f.queues[q].write(off, p, 65536, 0, ReqFlags::empty());
+        }
+        assert_eq!(f.wait(0), 0);
+        assert_eq!(f.wait(1), 0);
+        drop(f);
+    }
+    let log = d.log_text();
+    assert_eq!(log.matches("frontend connected").count(), 3, "{log}");
+}
+
+/// SIGTERM while a throttle holds writes inside vmcrypt: every write
+/// completes, the daemon exits 0, and a restart reads each one back.
+#[test]
+fn sigterm_completes_writes_in_flight() {
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ceph.create("sigterm", 16 * MIB);
+    let d = ceph.serve(
+        dir.path(),
+        "first",
+        &spec,
+        &["--filter", "throttle:write_iops_sec=20"],
+    );
+    let _show = ShowLog(d.log.clone());
+    let mut f = Frontend::connect(&d.socket, 1, 4 * MIB as usize);
+    const N: usize = 32;
+    for i in 0..N {
+        let at = i * 65536;
+        f.buf(at, 65536)
+            .copy_from_slice(&pattern(100 + i as u64, 65536));
+        let p = f.ptr(at);
+        f.queues[0].write(i as u64 * 65536, p, 65536, 0, ReqFlags::empty());
+    }
+    // Let the first few through the throttle, then stop the daemon.
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal(libc::SIGTERM);
+    let mut ok = 0;
+    for _ in 0..N {
+        if f.wait(0) == 0 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, N, "writes in flight at SIGTERM failed");
+    let status = d.terminate();
+    assert!(status.success(), "{status}");
+    drop(f);
+    let d = ceph.serve(dir.path(), "second", &spec, &[]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    for i in 0..N {
+        assert_eq!(f.read(0, i as u64 * 65536, 0, 65536), 0);
+        assert_eq!(
+            f.buf(0, 65536),
+            &pattern(100 + i as u64, 65536)[..],
+            "write {i}"
+        );
+    }
+}
+
+fn start_fails(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.join("fail.sock"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started: {args:?}");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let last = err.lines().last().unwrap_or("").to_string();
+    assert!(last.starts_with("vmcrypt: error: "), "{err}");
+    last
+}
+
+#[test]
+fn missing_pool_image_and_a_cluster_that_is_down_are_refused() {
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = ceph.conf.to_str().unwrap();
+    let before = ceph.rbd(&["ls", "rbd"]).stdout;
+    let e = start_fails(
+        dir.path(),
+        &["--image", "rbd:nopool/x", "--ceph-conf", conf],
+    );
+    assert!(e.contains("pool 'nopool' does not exist"), "{e}");
+    let e = start_fails(
+        dir.path(),
+        &["--image", "rbd:rbd/noimage", "--ceph-conf", conf],
+    );
+    assert!(e.contains("rbd:rbd/noimage does not exist"), "{e}");
+    assert_eq!(
+        ceph.rbd(&["ls", "rbd"]).stdout,
+        before,
+        "something was created"
+    );
+    // A conf whose monitor nobody listens on: refused after the deadline,
+    // naming the monitor.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = dir.path().join("down.conf");
+    std::fs::write(
+        &down,
+        format!(
+            "[global]\nmon host = v2:127.0.0.1:{port}\nauth client required = none\n\
+             auth cluster required = none\nauth service required = none\n"
+        ),
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let e = start_fails(
+        dir.path(),
+        &[
+            "--image",
+            "rbd:rbd/x",
+            "--ceph-conf",
+            down.to_str().unwrap(),
+            "--ceph-deadline",
+            "2",
+        ],
+    );
+    assert!(e.contains("cannot reach the cluster"), "{e}");
+    assert!(
+        e.contains(&port.to_string()),
+        "the monitor is not named: {e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let e = start_fails(dir.path(), &["--image", "rbd:just-a-pool"]);
+    assert!(e.contains("rbd:POOL/IMAGE"), "{e}");
+}
+
+/// With cephx on: the admin user's keyring (named in the conf) opens the
+/// image; an unknown user is refused, naming it.
+#[test]
+fn cephx_user_and_keyring() {
+    let ceph = Ceph::start(true);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ceph.create("auth", 4 * MIB);
+    let d = ceph.serve(dir.path(), "auth", &spec, &["--ceph-id", "admin"]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    f.buf(0, 4096).copy_from_slice(&pattern(11, 4096));
+    assert_eq!(f.write(0, 0, 0, 4096), 0);
+    assert_eq!(f.read(0, 0, 4096, 4096), 0);
+    assert_eq!(f.buf(4096, 4096), &pattern(11, 4096)[..]);
+    drop(f);
+    drop(d);
+    let e = start_fails(
+        dir.path(),
+        &[
+            "--image",
+            &spec,
+            "--ceph-conf",
+            ceph.conf.to_str().unwrap(),
+            "--ceph-id",
+            "nobody",
+            "--ceph-deadline",
+            "3",
+        ],
+    );
+    assert!(
+        e.contains("client.nobody") || e.contains("cannot reach"),
+        "{e}"
+    );
+}
+
+/// Prints a daemon's log when the test fails.
+struct ShowLog(PathBuf);
+impl Drop for ShowLog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
+            eprintln!("vmcrypt log:\n{log}");
+        }
+    }
+}
+
+/// The monitor restarts while a disk is served: librados reconnects (new
+/// sockets, under the syscall filter) and the disk keeps serving.
+#[test]
+fn the_daemon_survives_a_monitor_restart() {
+    let ceph = Ceph::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ceph.create("monrestart", 4 * MIB);
+    let d = ceph.serve(dir.path(), "mon", &spec, &[]);
+    let _show = ShowLog(d.log.clone());
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    f.buf(0, 4096).copy_from_slice(&pattern(21, 4096));
+    assert_eq!(f.write(0, 0, 0, 4096), 0);
+    let out = Command::new("bash")
+        .arg(ceph_script())
+        .arg("restart-mon")
+        .arg(&ceph.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The client notices and hunts for the monitor again.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(d.child_alive(), "vmcrypt died:\n{}", d.log_text());
+    assert_eq!(f.write(0, 4096, 0, 4096), 0);
+    assert_eq!(f.read(0, 0, 8192, 4096), 0);
+    assert_eq!(f.buf(8192, 4096), &pattern(21, 4096)[..]);
+}
