@@ -9,6 +9,7 @@ use vmcrypt_crypto::{luks, Luks, Passphrase};
 use vmcrypt_kms::KeyProvider;
 
 use crate::keys::{self, KeyDescriptor, KeyError, KeySource};
+use crate::rbd::{CephOptions, RbdImage, RbdSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -22,6 +23,8 @@ pub enum CommandError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Rbd(#[from] crate::rbd::RbdError),
 }
 
 fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> CommandError + 'a {
@@ -97,6 +100,74 @@ pub fn create(
     Ok(())
 }
 
+/// `vmcrypt create rbd:POOL/IMAGE`: a new RBD image with a LUKS1 header
+/// inside, exactly as for a file; the key descriptor goes into the image's
+/// metadata (`vmcrypt.descriptor`), as there is no file beside it.
+pub fn create_rbd(
+    spec: &RbdSpec,
+    ceph: &CephOptions,
+    size: u64,
+    provider: &dyn KeyProvider,
+    keystore: Option<PathBuf>,
+) -> Result<(), CommandError> {
+    if size == 0 || !size.is_multiple_of(4096) {
+        return Err(CommandError::Invalid(format!(
+            "--size {size}: must be a positive multiple of 4096 bytes"
+        )));
+    }
+    let name = PathBuf::from(spec.to_string());
+    let uuid = luks::new_uuid();
+    let key_name = format!("vmcrypt:{uuid}");
+    let (key_id, kek) = provider.create_kek(&key_name).map_err(KeyError::from)?;
+    let passphrase = Passphrase::from_kek(kek.as_bytes());
+    drop(kek);
+    let header_bytes = u64::from(luks::PAYLOAD_SECTORS) * vmcrypt_crypto::SECTOR as u64;
+    let rbd = RbdImage::create(spec, ceph, header_bytes + size)?;
+    let (header, _dek) = luks::format(&rbd, &name, &passphrase, &uuid).map_err(luks_err(&name))?;
+    let descriptor = KeyDescriptor {
+        version: 1,
+        luks_uuid: header.uuid.clone(),
+        provider: provider.kind().into(),
+        key_id: key_id.clone(),
+        key_name,
+        keystore,
+    };
+    rbd.metadata_set(keys::RBD_DESCRIPTOR_KEY, &descriptor.text())
+        .map_err(io(&name, "cannot store the key descriptor in the metadata"))?;
+    rbd.flush().map_err(io(&name, "cannot flush"))?;
+    println!(
+        "created {spec}: {size} bytes, LUKS1 aes-xts-plain64, UUID {}\nkey-encryption key {key_id} at {}\nkey descriptor in the image's metadata ({})",
+        header.uuid,
+        provider.describe(),
+        keys::RBD_DESCRIPTOR_KEY
+    );
+    Ok(())
+}
+
+/// `vmcrypt export-passphrase rbd:POOL/IMAGE`: as [`export_passphrase`].
+pub fn export_passphrase_rbd(
+    spec: &RbdSpec,
+    ceph: &CephOptions,
+    output: &Path,
+    source: &KeySource,
+) -> Result<(), CommandError> {
+    let name = PathBuf::from(spec.to_string());
+    let rbd = RbdImage::open(spec, ceph, true)?;
+    let l = Luks::open(&rbd, &name).map_err(luks_err(&name))?;
+    let passphrase = match &source.passphrase_file {
+        Some(p) => keys::read_passphrase_file(p)?,
+        None => {
+            let at = PathBuf::from(format!("{spec} metadata {}", keys::RBD_DESCRIPTOR_KEY));
+            let text = rbd
+                .metadata_get(keys::RBD_DESCRIPTOR_KEY)
+                .map_err(io(&name, "cannot read the metadata"))?;
+            let d = text.map(|t| KeyDescriptor::parse(&t, &at)).transpose()?;
+            keys::descriptor_key_with(&name, &at, d, &l.header, source)?.2
+        }
+    };
+    write_passphrase(&name, &l, passphrase, output)
+}
+
 /// `vmcrypt info`: what an image is, without any secret.
 pub fn info(image: &Path) -> Result<(), CommandError> {
     let file = File::open(image).map_err(io(image, "cannot open"))?;
@@ -158,6 +229,16 @@ pub fn export_passphrase(
     let file = File::open(image).map_err(io(image, "cannot open"))?;
     let l = Luks::open(&file, image).map_err(luks_err(image))?;
     let passphrase = keys::passphrase_for(image, &l.header, source)?;
+    write_passphrase(image, &l, passphrase, output)
+}
+
+/// Checks that `passphrase` opens the image, then writes it to `output`.
+fn write_passphrase(
+    image: &Path,
+    l: &Luks<'_>,
+    passphrase: Passphrase,
+    output: &Path,
+) -> Result<(), CommandError> {
     let (_key, slot) = l.unlock(&passphrase).map_err(luks_err(image))?;
     let mut out = OpenOptions::new()
         .write(true)

@@ -146,17 +146,22 @@ impl KeyDescriptor {
                 })
             }
         };
-        let d: KeyDescriptor = toml::from_str(&text).map_err(|e| KeyError::Descriptor {
-            path: path.clone(),
+        Self::parse(&text, &path).map(Some)
+    }
+
+    /// A descriptor from its text; `path` names where it came from.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, KeyError> {
+        let d: KeyDescriptor = toml::from_str(text).map_err(|e| KeyError::Descriptor {
+            path: path.into(),
             reason: e.to_string(),
         })?;
         if d.version != 1 {
             return Err(KeyError::Descriptor {
-                path,
+                path: path.into(),
                 reason: format!("version {} is not supported", d.version),
             });
         }
-        Ok(Some(d))
+        Ok(d)
     }
 
     /// The descriptor as its file holds it.
@@ -302,13 +307,32 @@ pub fn descriptor_key(
     header: &Header,
     source: &KeySource,
 ) -> Result<(KeyDescriptor, Box<dyn KeyProvider>, Passphrase), KeyError> {
-    let descriptor = KeyDescriptor::load(image)?.ok_or_else(|| KeyError::NoDescriptor {
+    let descriptor = KeyDescriptor::load(image)?;
+    descriptor_key_with(
+        image,
+        &KeyDescriptor::path_for(image),
+        descriptor,
+        header,
+        source,
+    )
+}
+
+/// As [`descriptor_key`], with the descriptor already read (from `at`: a
+/// file, or an RBD image's metadata).
+pub fn descriptor_key_with(
+    image: &Path,
+    at: &Path,
+    descriptor: Option<KeyDescriptor>,
+    header: &Header,
+    source: &KeySource,
+) -> Result<(KeyDescriptor, Box<dyn KeyProvider>, Passphrase), KeyError> {
+    let descriptor = descriptor.ok_or_else(|| KeyError::NoDescriptor {
         image: image.into(),
-        descriptor: KeyDescriptor::path_for(image),
+        descriptor: at.into(),
     })?;
     if descriptor.luks_uuid != header.uuid {
         return Err(KeyError::Descriptor {
-            path: KeyDescriptor::path_for(image),
+            path: at.into(),
             reason: format!(
                 "it belongs to LUKS UUID {}, the image has {}",
                 descriptor.luks_uuid, header.uuid
@@ -340,11 +364,36 @@ pub struct Unlocked {
 
 /// Opens the LUKS header of `image` and unlocks its master key.
 pub fn unlock(image: &Path, file: &File, source: &KeySource) -> Result<Unlocked, KeyError> {
+    let descriptor = match &source.passphrase_file {
+        Some(_) => None,
+        None => KeyDescriptor::load(image)?,
+    };
+    unlock_blocks(
+        image,
+        file,
+        &KeyDescriptor::path_for(image),
+        descriptor,
+        source,
+    )
+}
+
+/// The metadata key under which an RBD image keeps its key descriptor.
+pub const RBD_DESCRIPTOR_KEY: &str = "vmcrypt.descriptor";
+
+/// As [`unlock`], for any storage, with its descriptor already read (from
+/// `at`).
+pub fn unlock_blocks(
+    image: &Path,
+    blocks: &dyn vmcrypt_crypto::Blocks,
+    at: &Path,
+    descriptor: Option<KeyDescriptor>,
+    source: &KeySource,
+) -> Result<Unlocked, KeyError> {
     let luks_err = |source| KeyError::Luks {
         path: image.into(),
         source,
     };
-    let luks = Luks::open_with_limit(file, image, source.max_iterations).map_err(luks_err)?;
+    let luks = Luks::open_with_limit(blocks, image, source.max_iterations).map_err(luks_err)?;
     let (passphrase, origin) = match &source.passphrase_file {
         Some(p) => (
             read_passphrase_file(p)?,
@@ -354,7 +403,8 @@ pub fn unlock(image: &Path, file: &File, source: &KeySource) -> Result<Unlocked,
             },
         ),
         None => {
-            let (descriptor, provider, passphrase) = descriptor_key(image, &luks.header, source)?;
+            let (descriptor, provider, passphrase) =
+                descriptor_key_with(image, at, descriptor, &luks.header, source)?;
             let origin = KeyOrigin {
                 provider: provider.describe(),
                 key_id: Some(descriptor.key_id),

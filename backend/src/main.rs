@@ -74,7 +74,8 @@ enum Command {
     /// is stored only in a LUKS key slot that the KEK opens. The KEK's id is
     /// recorded in IMAGE.vmcrypt (no secrets) where `serve` finds it.
     Create {
-        /// The image file to create (must not exist).
+        /// The image file to create (must not exist), or `rbd:POOL/IMAGE`
+        /// for an RBD image (its key descriptor goes into its metadata).
         image: PathBuf,
         /// Size of the disk the guest sees (K, M, G, T suffixes).
         #[arg(long, value_parser = parse_size_arg)]
@@ -89,6 +90,8 @@ enum Command {
         /// Seconds to keep retrying unreachable KMS servers.
         #[arg(long, value_name = "SECS", default_value_t = 30)]
         kms_deadline: u64,
+        #[command(flatten)]
+        ceph: CephArgs,
     },
 
     /// Shallow rekey: a new KEK and key slot for the same data key.
@@ -207,7 +210,41 @@ enum Command {
         /// KMS configuration, if the image's key is at a KMIP server.
         #[arg(long, value_name = "FILE")]
         kms: Option<PathBuf>,
+        #[command(flatten)]
+        ceph: CephArgs,
     },
+}
+
+/// How to reach the Ceph cluster of an `rbd:` image.
+#[derive(clap::Args)]
+struct CephArgs {
+    /// For an rbd: image, the Ceph configuration.
+    #[arg(long, value_name = "FILE", default_value = "/etc/ceph/ceph.conf")]
+    ceph_conf: PathBuf,
+    /// For an rbd: image, the cephx user without "client." [default: admin].
+    #[arg(long, value_name = "NAME")]
+    ceph_id: Option<String>,
+    /// For an rbd: image, seconds to keep trying to reach the monitors.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    ceph_deadline: u64,
+}
+
+impl CephArgs {
+    fn options(self) -> vmcrypt::rbd::CephOptions {
+        vmcrypt::rbd::CephOptions {
+            conf: self.ceph_conf,
+            id: self.ceph_id,
+            deadline: std::time::Duration::from_secs(self.ceph_deadline),
+        }
+    }
+}
+
+/// `rbd:POOL/IMAGE` in an image argument, parsed.
+fn rbd_spec(image: &std::path::Path) -> Option<Result<vmcrypt::rbd::RbdSpec, String>> {
+    image
+        .to_str()
+        .and_then(|s| s.strip_prefix("rbd:"))
+        .map(vmcrypt::rbd::RbdSpec::parse)
 }
 
 #[derive(Subcommand)]
@@ -313,12 +350,21 @@ fn main() -> ExitCode {
             keystore,
             kms,
             kms_deadline,
+            ceph,
         } => {
             init_logging(Some("warn"));
             let source = key_source(keystore, kms, kms_deadline);
             done(
-                new_provider(&source)
-                    .and_then(|(p, dir)| commands::create(&image, size, p.as_ref(), dir)),
+                new_provider(&source).and_then(|(p, dir)| match rbd_spec(&image) {
+                    Some(spec) => commands::create_rbd(
+                        &spec.map_err(commands::CommandError::Invalid)?,
+                        &ceph.options(),
+                        size,
+                        p.as_ref(),
+                        dir,
+                    ),
+                    None => commands::create(&image, size, p.as_ref(), dir),
+                }),
             )
         }
         Command::Rekey {
@@ -384,10 +430,17 @@ fn main() -> ExitCode {
             output,
             keystore,
             kms,
+            ceph,
         } => {
             init_logging(Some("warn"));
             let source = key_source(keystore, kms, 30);
-            done(commands::export_passphrase(&image, &output, &source))
+            done(match rbd_spec(&image) {
+                Some(Ok(spec)) => {
+                    commands::export_passphrase_rbd(&spec, &ceph.options(), &output, &source)
+                }
+                Some(Err(e)) => Err(commands::CommandError::Invalid(e)),
+                None => commands::export_passphrase(&image, &output, &source),
+            })
         }
     }
 }

@@ -144,6 +144,11 @@ struct Lib {
     rbd_aio_discard: unsafe extern "C" fn(Image, u64, u64, Completion) -> c_int,
     rbd_aio_write_zeroes:
         unsafe extern "C" fn(Image, u64, usize, Completion, c_int, c_int) -> c_int,
+    rbd_read: unsafe extern "C" fn(Image, u64, usize, *mut c_char) -> isize,
+    rbd_write: unsafe extern "C" fn(Image, u64, usize, *const c_char) -> isize,
+    rbd_metadata_get: unsafe extern "C" fn(Image, *const c_char, *mut c_char, *mut usize) -> c_int,
+    rbd_metadata_set: unsafe extern "C" fn(Image, *const c_char, *const c_char) -> c_int,
+    rbd_create: unsafe extern "C" fn(Ioctx, *const c_char, u64, *mut c_int) -> c_int,
 }
 
 /// Resolves `name` in `handle` as a function of type `T`.
@@ -228,6 +233,11 @@ fn load() -> Result<Lib, RbdError> {
             rbd_aio_flush: symbol(rbd, RBD, "rbd_aio_flush")?,
             rbd_aio_discard: symbol(rbd, RBD, "rbd_aio_discard")?,
             rbd_aio_write_zeroes: symbol(rbd, RBD, "rbd_aio_write_zeroes")?,
+            rbd_read: symbol(rbd, RBD, "rbd_read")?,
+            rbd_write: symbol(rbd, RBD, "rbd_write")?,
+            rbd_metadata_get: symbol(rbd, RBD, "rbd_metadata_get")?,
+            rbd_metadata_set: symbol(rbd, RBD, "rbd_metadata_set")?,
+            rbd_create: symbol(rbd, RBD, "rbd_create")?,
         })
     }
 }
@@ -273,6 +283,20 @@ impl RbdImage {
     /// Connects to the cluster (retrying until the deadline) and opens the
     /// image.
     pub fn open(spec: &RbdSpec, ceph: &CephOptions, read_only: bool) -> Result<Self, RbdError> {
+        Self::open_or_create(spec, ceph, read_only, None)
+    }
+
+    /// Creates the image (`size` bytes; refused if it exists) and opens it.
+    pub fn create(spec: &RbdSpec, ceph: &CephOptions, size: u64) -> Result<Self, RbdError> {
+        Self::open_or_create(spec, ceph, false, Some(size))
+    }
+
+    fn open_or_create(
+        spec: &RbdSpec,
+        ceph: &CephOptions,
+        read_only: bool,
+        create: Option<u64>,
+    ) -> Result<Self, RbdError> {
         let lib = lib()?;
         // librados starts its threads here: they must not take the signals
         // vmcrypt's signal thread waits for (SIGTERM would end the process
@@ -362,6 +386,22 @@ impl RbdImage {
             unsafe { (lib.rados_ioctx_set_namespace)(me.ioctx, ns.as_ptr()) };
         }
         let name = cstr(&spec.image, "image")?;
+        if let Some(size) = create {
+            let mut order: c_int = 0;
+            // SAFETY: valid io context, C string, out pointer (0: default
+            // object size).
+            let rc = unsafe { (lib.rbd_create)(me.ioctx, name.as_ptr(), size, &mut order) };
+            if rc == -libc::EEXIST {
+                return Err(RbdError::Call {
+                    what: format!("creating {spec}"),
+                    source: io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "it already exists; refusing to overwrite it",
+                    ),
+                });
+            }
+            call(&format!("creating {spec}"), rc)?;
+        }
         let open = if read_only {
             lib.rbd_open_read_only
         } else {
@@ -412,6 +452,45 @@ impl RbdImage {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The image's metadata value for `key`, if set.
+    pub fn metadata_get(&self, key: &str) -> io::Result<Option<String>> {
+        let k = CString::new(key).map_err(io::Error::other)?;
+        let mut len: usize = 4096;
+        loop {
+            let mut buf = vec![0u8; len];
+            let mut n = len;
+            // SAFETY: open image, C string, buffer writable for `n` bytes.
+            let rc = unsafe {
+                (self.lib.rbd_metadata_get)(self.image, k.as_ptr(), buf.as_mut_ptr().cast(), &mut n)
+            };
+            match rc {
+                0 => {
+                    let text = CStr::from_bytes_until_nul(&buf)
+                        .map_err(io::Error::other)?
+                        .to_string_lossy()
+                        .into_owned();
+                    return Ok(Some(text));
+                }
+                rc if rc == -libc::ENOENT => return Ok(None),
+                rc if rc == -libc::ERANGE && n > len => len = n,
+                rc => return Err(errno(rc.into())),
+            }
+        }
+    }
+
+    /// Sets the image's metadata `key` to `value`.
+    pub fn metadata_set(&self, key: &str, value: &str) -> io::Result<()> {
+        let k = CString::new(key).map_err(io::Error::other)?;
+        let v = CString::new(value).map_err(io::Error::other)?;
+        // SAFETY: open image and C strings.
+        let rc = unsafe { (self.lib.rbd_metadata_set)(self.image, k.as_ptr(), v.as_ptr()) };
+        if rc < 0 {
+            Err(errno(rc.into()))
+        } else {
+            Ok(())
+        }
     }
 
     pub fn spec(&self) -> &RbdSpec {
@@ -504,6 +583,44 @@ impl RbdImage {
             return Submitted::Done(rc.into());
         }
         Submitted::Queued
+    }
+}
+
+/// Synchronous access for the LUKS header (`vmcrypt_crypto::Blocks`).
+impl vmcrypt_crypto::Blocks for RbdImage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let len = buf.len().min(self.size.saturating_sub(offset) as usize);
+        if len == 0 {
+            return Ok(0);
+        }
+        // SAFETY: open image; `buf` is writable for `len` bytes.
+        let rc = unsafe { (self.lib.rbd_read)(self.image, offset, len, buf.as_mut_ptr().cast()) };
+        if rc < 0 {
+            Err(errno(rc as i64))
+        } else {
+            Ok(rc as usize)
+        }
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        // SAFETY: open image; `buf` is readable for its length.
+        let rc =
+            unsafe { (self.lib.rbd_write)(self.image, offset, buf.len(), buf.as_ptr().cast()) };
+        if rc < 0 {
+            Err(errno(rc as i64))
+        } else if (rc as usize) < buf.len() {
+            Err(io::Error::new(io::ErrorKind::WriteZero, "short write"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.flush()
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.size)
     }
 }
 

@@ -131,29 +131,71 @@ fn open(cfg: &ServeConfig) -> Result<Opened, ServeError> {
         throttle = Some(t);
     }
     let mut descriptor = None;
+    let mut descriptor_for_snapshots = None;
     let (image, format, key) = match &cfg.image {
         ImageSpec::Null { size } => (Image::Null { capacity: *size }, "raw", None),
         ImageSpec::Rbd(spec) => {
-            if cfg.format == Some(ImageFormat::Luks) || cfg.keys.passphrase_file.is_some() {
-                return Err(ServeError::Rbd(crate::rbd::RbdError::Call {
-                    what: format!("{spec}"),
-                    source: io::Error::new(
-                        io::ErrorKind::Unsupported,
-                        "encrypted RBD images are not supported yet; serve it raw",
-                    ),
-                }));
+            let rbd = Arc::new(crate::rbd::RbdImage::open(spec, &cfg.ceph, cfg.read_only)?);
+            tracing::info!(image = %spec, size = rbd.size(), "RBD image open");
+            let name = PathBuf::from(spec.to_string());
+            let at = PathBuf::from(format!("{spec} metadata {}", keys::RBD_DESCRIPTOR_KEY));
+            let stored =
+                rbd.metadata_get(keys::RBD_DESCRIPTOR_KEY)
+                    .map_err(|e| KeyError::Descriptor {
+                        path: at.clone(),
+                        reason: e.to_string(),
+                    })?;
+            let descriptor = stored
+                .map(|text| KeyDescriptor::parse(&text, &at))
+                .transpose()?;
+            let mut magic = [0u8; 6];
+            let has_header = vmcrypt_crypto::Blocks::read_exact_at(&*rbd, &mut magic, 0).is_ok()
+                && &magic == b"LUKS\xba\xbe";
+            let luks = match cfg.format {
+                Some(f) => f == ImageFormat::Luks,
+                None => descriptor.is_some() || cfg.keys.passphrase_file.is_some(),
+            };
+            let refuse = |why: &str| {
+                ServeError::Key(KeyError::Format {
+                    image: name.clone(),
+                    reason: why.into(),
+                })
+            };
+            if luks && !has_header {
+                return Err(refuse(
+                    "it is to be served decrypted but has no LUKS header (damaged?)",
+                ));
             }
-            let rbd = crate::rbd::RbdImage::open(spec, &cfg.ceph, cfg.read_only)?;
-            let size = rbd.size();
-            if size == 0 || !size.is_multiple_of(u64::from(cfg.block_size)) {
-                return Err(ServeError::Storage(StorageError::Misaligned {
-                    path: spec.to_string().into(),
-                    size,
-                    block_size: cfg.block_size,
-                }));
+            if !luks && has_header && cfg.format.is_none() {
+                return Err(refuse(
+                    "it has a LUKS header but no key descriptor in its metadata: give its key \
+                     (--passphrase-file) or serve it as it is with --format raw",
+                ));
             }
-            tracing::info!(image = %spec, size, "RBD image open");
-            (Image::Rbd(Arc::new(rbd)), "raw", None)
+            if luks {
+                let unlocked =
+                    keys::unlock_blocks(&name, &*rbd, &at, descriptor.clone(), &cfg.keys)?;
+                filters.push(Arc::new(
+                    Encrypt::new(unlocked.key)
+                        .map_err(|e| ServeError::Key(KeyError::BadDataKey(e)))?,
+                ));
+                descriptor_for_snapshots = descriptor;
+                let data_offset = unlocked.header.payload_bytes();
+                (
+                    Image::Rbd { rbd, data_offset },
+                    "luks1",
+                    Some(unlocked.origin),
+                )
+            } else {
+                (
+                    Image::Rbd {
+                        rbd,
+                        data_offset: 0,
+                    },
+                    "raw",
+                    None,
+                )
+            }
         }
         ImageSpec::File(path) => {
             let file = storage::open(path, cfg.read_only)?;
@@ -194,7 +236,7 @@ fn open(cfg: &ServeConfig) -> Result<Opened, ServeError> {
         throttle,
         format,
         key,
-        descriptor,
+        descriptor: descriptor.or(descriptor_for_snapshots),
     })
 }
 
@@ -234,7 +276,8 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
         },
         data_offset: match &*image {
             Image::File { data_offset, .. } => *data_offset,
-            Image::Null { .. } | Image::Rbd(_) => 0,
+            Image::Rbd { data_offset, .. } => *data_offset,
+            Image::Null { .. } => 0,
         },
         capacity: Capacity::new(image.capacity()),
         serial,

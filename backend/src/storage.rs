@@ -53,8 +53,12 @@ pub enum Image {
         /// `--cache none`: the descriptor the queues' io_uring uses.
         direct: Option<DirectIo>,
     },
-    /// A Ceph RBD image, one handle shared by every queue.
-    Rbd(Arc<crate::rbd::RbdImage>),
+    /// A Ceph RBD image, one handle shared by every queue; the disk starts
+    /// `data_offset` bytes in (after a LUKS header).
+    Rbd {
+        rbd: Arc<crate::rbd::RbdImage>,
+        data_offset: u64,
+    },
 }
 
 impl Image {
@@ -89,7 +93,7 @@ impl Image {
     pub fn capacity(&self) -> u64 {
         match self {
             Image::Null { capacity } | Image::File { capacity, .. } => *capacity,
-            Image::Rbd(r) => r.size(),
+            Image::Rbd { rbd, data_offset } => rbd.size().saturating_sub(*data_offset),
         }
     }
 
@@ -164,7 +168,7 @@ impl Image {
     /// size it has, and a null device has nothing to grow.
     pub fn grow(&self, capacity: u64) -> io::Result<()> {
         use std::os::unix::fs::FileTypeExt;
-        if let Image::Rbd(_) = self {
+        if let Image::Rbd { .. } = self {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "resizing an RBD image is not supported yet (rbd resize, then restart)",
@@ -209,7 +213,7 @@ impl Image {
         match self {
             Image::Null { .. } => Ok(()),
             Image::File { file, .. } => file.sync_data(),
-            Image::Rbd(r) => r.flush(),
+            Image::Rbd { rbd, .. } => rbd.flush(),
         }
     }
 }
@@ -327,8 +331,8 @@ impl QueueStorage {
                 let file = direct.as_ref().map_or(file, |d| &d.file);
                 Ok(QueueStorage::Uring(Box::new(UringQueue::new(file, depth)?)))
             }
-            Image::Rbd(r) => Ok(QueueStorage::Rbd(Box::new(
-                crate::rbd::RbdQueue::new(r.clone()).map_err(StorageError::Uring)?,
+            Image::Rbd { rbd, .. } => Ok(QueueStorage::Rbd(Box::new(
+                crate::rbd::RbdQueue::new(rbd.clone()).map_err(StorageError::Uring)?,
             ))),
         }
     }

@@ -472,3 +472,178 @@ fn the_daemon_survives_a_monitor_restart() {
     assert_eq!(f.read(0, 0, 8192, 4096), 0);
     assert_eq!(f.buf(8192, 4096), &pattern(21, 4096)[..]);
 }
+
+fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// qemu-io through QEMU's own luks driver over its rbd driver.
+fn qemu_io_luks(ceph: &Ceph, image: &str, pass: &Path, cmd: &str) -> String {
+    ok(Command::new("qemu-io")
+        .arg("--object")
+        .arg(format!("secret,id=s0,file={}", pass.display()))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=luks,key-secret=s0,file.driver=rbd,file.pool=rbd,file.image={image},file.conf={}",
+            ceph.conf.display()
+        ))
+        .args(["-c", cmd])
+        .output()
+        .unwrap())
+}
+
+/// `vmcrypt create rbd:...` puts a LUKS1 header inside the RBD image and
+/// the key descriptor in its metadata; `serve` finds both; the cluster
+/// holds no plaintext; QEMU's luks-over-rbd reads what vmcrypt wrote and
+/// vmcrypt reads what QEMU wrote.
+#[test]
+fn encrypted_rbd_images_interoperate_with_qemu() {
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let conf = ceph.conf.to_str().unwrap();
+    let out = ok(Command::new(BIN)
+        .args(["create", "rbd:rbd/enc", "--size", "16M", "--keystore"])
+        .arg(&keys)
+        .args(["--ceph-conf", conf])
+        .output()
+        .unwrap());
+    assert!(
+        out.contains("key descriptor in the image's metadata"),
+        "{out}"
+    );
+    let meta = ok(ceph.rbd(&["image-meta", "get", "rbd/enc", "vmcrypt.descriptor"]));
+    assert!(meta.contains("luks-uuid"), "{meta}");
+
+    // vmcrypt writes a marker the test can look for in the objects.
+    let marker = b"vmcrypt plaintext marker 0123456789".repeat(16);
+    {
+        let d = ceph.serve(dir.path(), "enc", "rbd:rbd/enc", &[]);
+        let _show = ShowLog(d.log.clone());
+        assert!(d.log_text().contains("opened the image's key slot"));
+        let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+        assert_eq!(f.capacity, 16 * MIB);
+        f.buf(0, 65536).fill(0x5a);
+        assert_eq!(f.write(0, 0, 0, 65536), 0);
+        f.buf(0, 4096).fill(0);
+        f.buf(0, marker.len()).copy_from_slice(&marker);
+        assert_eq!(f.write(0, 8 * MIB, 0, 4096), 0);
+        assert_eq!(f.read(0, 8 * MIB, 8192, 4096), 0);
+        assert_eq!(f.buf(8192, marker.len()), &marker[..]);
+        drop(f);
+        assert!(d.terminate().success());
+    }
+    // No object of the image holds the marker or the 0x5a blocks.
+    let objects = ok(Command::new("rados")
+        .args(["-c", conf, "-p", "rbd", "ls"])
+        .output()
+        .unwrap());
+    let data: Vec<&str> = objects
+        .lines()
+        .filter(|o| o.starts_with("rbd_data."))
+        .collect();
+    assert!(!data.is_empty(), "no data objects:\n{objects}");
+    for o in data {
+        let path = dir.path().join("object");
+        ok(Command::new("rados")
+            .args(["-c", conf, "-p", "rbd", "get", o])
+            .arg(&path)
+            .output()
+            .unwrap());
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == &marker[..]),
+            "plaintext in {o}"
+        );
+        assert!(
+            !bytes.windows(512).any(|w| w.iter().all(|&b| b == 0x5a)),
+            "plaintext 0x5a sector in {o}"
+        );
+    }
+
+    // QEMU reads what vmcrypt wrote, with the passphrase vmcrypt exports...
+    let pass = dir.path().join("pass");
+    ok(Command::new(BIN)
+        .args(["export-passphrase", "rbd:rbd/enc", "--output"])
+        .arg(&pass)
+        .args(["--ceph-conf", conf])
+        .output()
+        .unwrap());
+    let out = qemu_io_luks(ceph, "enc", &pass, "read -P 0x5a 0 64k");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    // ...and vmcrypt reads what QEMU wrote.
+    qemu_io_luks(ceph, "enc", &pass, "write -P 0x3c 1M 64k");
+    let d = ceph.serve(dir.path(), "enc2", "rbd:rbd/enc", &[]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    assert_eq!(f.read(0, MIB, 0, 65536), 0);
+    assert!(f.buf(0, 65536).iter().all(|&b| b == 0x3c));
+}
+
+/// A LUKS image qemu-img made on RBD serves with --passphrase-file; an
+/// RBD image with a LUKS header and no key is refused, and so is a key
+/// for an image without a header.
+#[test]
+fn qemu_made_luks_on_rbd_and_what_is_refused() {
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = ceph.conf.to_str().unwrap();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, b"correct horse battery staple").unwrap();
+    let mut made = String::new();
+    let mut created = false;
+    for _ in 0..5 {
+        let st = Command::new("qemu-img")
+            .args(["create", "-f", "luks", "--object"])
+            .arg(format!("secret,id=s0,file={}", pass.display()))
+            .args(["-o", "key-secret=s0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha512,iter-time=200"])
+            .arg(format!("rbd:rbd/qluks:conf={conf}"))
+            .arg("16M")
+            .output()
+            .unwrap();
+        made = String::from_utf8_lossy(&st.stderr).into_owned();
+        if st.status.success() {
+            created = true;
+            break;
+        }
+        let _ = ceph.rbd(&["rm", "rbd/qluks"]);
+    }
+    assert!(created, "qemu-img create failed: {made}");
+    qemu_io_luks(ceph, "qluks", &pass, "write -P 0x77 0 64k");
+    {
+        let d = ceph.serve(
+            dir.path(),
+            "qluks",
+            "rbd:rbd/qluks",
+            &["--passphrase-file", pass.to_str().unwrap()],
+        );
+        let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+        assert_eq!(f.read(0, 0, 0, 65536), 0);
+        assert!(f.buf(0, 65536).iter().all(|&b| b == 0x77));
+    }
+    // A header and no key: refused, naming the way out.
+    let e = start_fails(
+        dir.path(),
+        &["--image", "rbd:rbd/qluks", "--ceph-conf", conf],
+    );
+    assert!(e.contains("--format raw"), "{e}");
+    // A key for an image without a header: refused.
+    ceph.create("plain", 4 * MIB);
+    let e = start_fails(
+        dir.path(),
+        &[
+            "--image",
+            "rbd:rbd/plain",
+            "--ceph-conf",
+            conf,
+            "--passphrase-file",
+            pass.to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("no LUKS header"), "{e}");
+}

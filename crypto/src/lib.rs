@@ -11,7 +11,7 @@ pub mod luks;
 pub mod xts;
 
 pub use key::{MasterKey, Passphrase};
-pub use luks::{Luks, LuksError};
+pub use luks::{Blocks, Luks, LuksError};
 pub use xts::{Xts, XtsError, SECTOR};
 
 /// Fills `buf` from the operating system's random source.

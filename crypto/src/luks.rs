@@ -323,10 +323,60 @@ impl Header {
     }
 }
 
-/// A LUKS1 image: its header and the file it lives in.
+/// Where a LUKS image lives: a file (or block device), or any storage
+/// with positioned reads and writes (an RBD image).
+pub trait Blocks {
+    /// Reads up to `buf.len()` bytes at `offset`; fewer only at the end.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes what was written durable.
+    fn sync_data(&self) -> io::Result<()>;
+    /// Its size in bytes.
+    fn size(&self) -> io::Result<u64>;
+
+    /// Fills `buf` from `offset`, or fails with `UnexpectedEof`.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let n = read_up_to(self, buf, offset)?;
+        if n < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the image ends early",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Blocks for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        FileExt::read_at(self, buf, offset)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        let m = self.metadata()?;
+        if m.file_type().is_file() {
+            Ok(m.len())
+        } else {
+            // A block device: its size is where its end is.
+            let mut f = self;
+            f.seek(SeekFrom::End(0))
+        }
+    }
+}
+
+/// A LUKS1 image: its header and the storage it lives in.
 pub struct Luks<'f> {
     pub header: Header,
-    file: &'f File,
+    file: &'f dyn Blocks,
     path: PathBuf,
 }
 
@@ -404,6 +454,20 @@ fn create_in(
     passphrase: &Passphrase,
     uuid: &str,
 ) -> Result<(Header, MasterKey), LuksError> {
+    file.set_len(u64::from(PAYLOAD_SECTORS) * SECTOR as u64 + size)
+        .map_err(io_err(path, "cannot size the image"))?;
+    format(file, path, passphrase, uuid)
+}
+
+/// Writes a new LUKS1 header with a first key slot opened by `passphrase`
+/// onto `blocks`, whose size is already the payload offset (2 MiB) plus
+/// the disk's size; returns the new master key. `path` names it in errors.
+pub fn format(
+    file: &dyn Blocks,
+    path: &Path,
+    passphrase: &Passphrase,
+    uuid: &str,
+) -> Result<(Header, MasterKey), LuksError> {
     if uuid.len() >= 40 {
         return Err(LuksError::Corrupt(format!("UUID '{uuid}' is too long")));
     }
@@ -428,8 +492,13 @@ fn create_in(
     };
     crate::random_bytes(&mut header.mk_digest_salt);
     header.mk_digest = header.digest(&key);
-    file.set_len(header.payload_bytes() + size)
-        .map_err(io_err(path, "cannot size the image"))?;
+    let len = file.size().map_err(io_err(path, "cannot stat"))?;
+    if len <= header.payload_bytes() {
+        return Err(LuksError::Truncated(format!(
+            "{len} bytes leave no room for a payload after the header's {}",
+            header.payload_bytes()
+        )));
+    }
     let mut luks = Luks {
         header,
         file,
@@ -443,17 +512,17 @@ fn create_in(
 impl<'f> Luks<'f> {
     /// Reads and checks the header of an open image, refusing one that asks
     /// more than [`DEFAULT_MAX_ITERATIONS`] PBKDF2 rounds.
-    pub fn open(file: &'f File, path: &Path) -> Result<Self, LuksError> {
+    pub fn open(file: &'f dyn Blocks, path: &Path) -> Result<Self, LuksError> {
         Self::open_with_limit(file, path, DEFAULT_MAX_ITERATIONS)
     }
 
     /// As [`Luks::open`], with at most `max_iterations` PBKDF2 rounds.
     pub fn open_with_limit(
-        file: &'f File,
+        file: &'f dyn Blocks,
         path: &Path,
         max_iterations: u32,
     ) -> Result<Self, LuksError> {
-        let len = file.metadata().map_err(io_err(path, "cannot stat"))?.len();
+        let len = file.size().map_err(io_err(path, "cannot stat"))?;
         let mut buf = [0u8; HEADER_LEN];
         let n = read_up_to(file, &mut buf, 0).map_err(io_err(path, "cannot read the header"))?;
         if n >= 6 && buf[..6] != MAGIC {
@@ -628,7 +697,7 @@ impl<'f> Luks<'f> {
     }
 }
 
-fn read_up_to(file: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+fn read_up_to<B: Blocks + ?Sized>(file: &B, buf: &mut [u8], at: u64) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match file.read_at(&mut buf[n..], at + n as u64)? {

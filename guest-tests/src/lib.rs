@@ -4,6 +4,7 @@
 //! processes, a shell script runs inside, and its output (fio's JSON, exit
 //! codes) comes back over the serial console.
 
+pub mod ceph;
 pub mod guest;
 pub mod libvirt;
 pub mod qmp;

@@ -594,3 +594,50 @@ echo "=== BEGIN fio"; echo '{}'; echo "=== END fio"
     qemu_read(&xfs.mnt.join("snap2.img"), "0x41");
     qemu_read(&img, "0x42");
 }
+
+/// An encrypted disk on Ceph RBD (`vmcrypt create rbd:...`, a single-node
+/// cluster from ci/ceph.sh): the guest runs fio verify on both queues.
+#[test]
+fn encrypted_rbd_disk_passes_fio_verify() {
+    let (image, accel, _lock) = setup();
+    let ceph = guest_tests::ceph::Ceph::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let conf = ceph.conf.to_str().unwrap();
+    let out = std::process::Command::new(guest_tests::vmcrypt::binary())
+        .args(["create", "rbd:rbd/guest", "--size", "256M", "--keystore"])
+        .arg(work.path().join("keys"))
+        .args(["--ceph-conf", conf])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = Vmcrypt::start(
+        work.path(),
+        "vmcrypt",
+        &[
+            "--image",
+            "rbd:rbd/guest",
+            "--ceph-conf",
+            conf,
+            "--num-queues",
+            "2",
+        ],
+    )
+    .unwrap();
+    let mut vm = Vm::new(&image, accel);
+    vm.disks.push(Disk::new(&d.socket));
+    let run = vm
+        .run(FIO_VERIFY, work.path())
+        .unwrap_or_else(|e| panic!("{e}\nvmcrypt log:\n{}", d.log_text()));
+    assert_eq!(
+        run.section("size").as_deref(),
+        Some("524288"),
+        "{}",
+        run.tail()
+    );
+    expect_fio_verify(&run, &d);
+    assert!(d.stop().success());
+}
