@@ -149,6 +149,8 @@ struct Lib {
     rbd_metadata_get: unsafe extern "C" fn(Image, *const c_char, *mut c_char, *mut usize) -> c_int,
     rbd_metadata_set: unsafe extern "C" fn(Image, *const c_char, *const c_char) -> c_int,
     rbd_create: unsafe extern "C" fn(Ioctx, *const c_char, u64, *mut c_int) -> c_int,
+    rbd_lock_acquire: unsafe extern "C" fn(Image, c_int) -> c_int,
+    rbd_lock_release: unsafe extern "C" fn(Image) -> c_int,
 }
 
 /// Resolves `name` in `handle` as a function of type `T`.
@@ -238,6 +240,8 @@ fn load() -> Result<Lib, RbdError> {
             rbd_metadata_get: symbol(rbd, RBD, "rbd_metadata_get")?,
             rbd_metadata_set: symbol(rbd, RBD, "rbd_metadata_set")?,
             rbd_create: symbol(rbd, RBD, "rbd_create")?,
+            rbd_lock_acquire: symbol(rbd, RBD, "rbd_lock_acquire")?,
+            rbd_lock_release: symbol(rbd, RBD, "rbd_lock_release")?,
         })
     }
 }
@@ -340,9 +344,17 @@ impl RbdImage {
         let rc = unsafe { (lib.rados_conf_read_file)(me.rados, conf.as_ptr()) };
         call(&format!("reading {}", ceph.conf.display()), rc)?;
         let secs = ceph.deadline.as_secs().max(1);
-        for key in ["client_mount_timeout", "rados_mon_op_timeout"] {
+        // No admin socket: it would be a second control surface outside
+        // the syscall filter's reach (its thread accepts connections), and
+        // two daemons with the same user would fight over its path.
+        let settings = [
+            ("client_mount_timeout", secs.to_string()),
+            ("rados_mon_op_timeout", secs.to_string()),
+            ("admin_socket", String::new()),
+        ];
+        for (key, value) in settings {
             let k = cstr(key, "option")?;
-            let v = cstr(&secs.to_string(), "value")?;
+            let v = cstr(&value, "value")?;
             // SAFETY: valid handle and C strings.
             let rc = unsafe { (lib.rados_conf_set)(me.rados, k.as_ptr(), v.as_ptr()) };
             call(&format!("setting {key}"), rc)?;
@@ -452,6 +464,29 @@ impl RbdImage {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Takes the image's exclusive lock (librbd's exclusive-lock feature,
+    /// with automatic transitions off): while this daemon holds it, no
+    /// other client can write. Fails at once if another client holds it
+    /// the same way (another vmcrypt whose device runs).
+    pub fn lock_exclusive(&self) -> io::Result<()> {
+        // SAFETY: open image; 0 is RBD_LOCK_MODE_EXCLUSIVE.
+        let rc = unsafe { (self.lib.rbd_lock_acquire)(self.image, 0) };
+        if rc < 0 {
+            Err(errno(rc.into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Releases the lock `lock_exclusive` took.
+    pub fn unlock(&self) {
+        // SAFETY: open image.
+        let rc = unsafe { (self.lib.rbd_lock_release)(self.image) };
+        if rc < 0 && rc != -libc::EINVAL {
+            tracing::warn!(image = %self.spec, "releasing the RBD lock: {}", errno(rc.into()));
+        }
     }
 
     /// The image's metadata value for `key`, if set.

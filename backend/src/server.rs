@@ -72,6 +72,10 @@ struct Shared {
     filters: Vec<Arc<dyn Filter>>,
     /// The device of the connected frontend, or the one waiting for it.
     current: Arc<Mutex<Option<BlockDevice>>>,
+    /// Who holds the image: shutdown flushes and releases it through this,
+    /// so that it never flushes an image a stopping device just released
+    /// (RBD refuses that: the exclusive lock is gone).
+    handover: Arc<Handover>,
 }
 
 /// Serves `cfg` until SIGINT or SIGTERM; returns only on a start-up error.
@@ -356,12 +360,14 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
         tracing::info!(%address, "metrics served over HTTP at /metrics");
     }
 
+    let handover = Arc::new(Handover::new(image.clone(), cfg.read_only));
     let shared = Arc::new(Shared {
         socket: listening.owned_path.clone(),
         control: control_file,
         image: image.clone(),
         filters: filters.clone(),
         current: current.clone(),
+        handover: handover.clone(),
     });
     {
         let shared = shared.clone();
@@ -380,7 +386,6 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
         "serving; waiting for a frontend"
     );
     crate::notify::notify("READY=1");
-    let handover = Arc::new(Handover::new(image.clone(), cfg.read_only));
     let mut listener = Listener::from(listening.listener);
     loop {
         let mem = GuestMemoryAtomic::new(GuestMem::new());
@@ -510,7 +515,9 @@ fn shutdown(shared: &Shared, sig: libc::c_int) -> ! {
     if let Some(dev) = lock(&shared.current).as_ref() {
         dev.stop();
     }
-    let code = match shared.image.sync() {
+    // Flush and release the image if this daemon's device held it (a
+    // device that stopped before did both already).
+    let code = match shared.handover.device_stopped() {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!("flushing the image: {e}");

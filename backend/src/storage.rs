@@ -102,6 +102,24 @@ impl Image {
     /// (its io_uring releases the file asynchronously), so this retries
     /// until `wait` has passed.
     pub fn lock(&self, read_only: bool, wait: Duration) -> Result<(), StorageError> {
+        if let Image::Rbd { rbd, .. } = self {
+            if read_only {
+                return Ok(());
+            }
+            let deadline = Instant::now() + wait;
+            loop {
+                match rbd.lock_exclusive() {
+                    Ok(()) => return Ok(()),
+                    Err(e) if Instant::now() >= deadline => {
+                        tracing::debug!("RBD exclusive lock: {e}");
+                        return Err(StorageError::Locked {
+                            path: rbd.spec().to_string().into(),
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
         let Image::File { file, path, .. } = self else {
             return Ok(());
         };
@@ -125,6 +143,9 @@ impl Image {
 
     /// Drops the image lock.
     pub fn unlock(&self) {
+        if let Image::Rbd { rbd, .. } = self {
+            rbd.unlock();
+        }
         if let Image::File { file, .. } = self {
             // SAFETY: flock on a valid, open file descriptor.
             unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };

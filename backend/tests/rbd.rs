@@ -298,7 +298,13 @@ fn sigterm_completes_writes_in_flight() {
         let p = f.ptr(at);
         f.queues[0].write(i as u64 * 65536, p, 65536, 0, ReqFlags::empty());
     }
-    // Let the first few through the throttle, then stop the daemon.
+    // Submit them all (libblkio queues them until do_io), let the first
+    // few through the throttle, then stop the daemon.
+    let mut none: [std::mem::MaybeUninit<blkio::Completion>; 0] = [];
+    let mut no_wait = Duration::ZERO;
+    f.queues[0]
+        .do_io(&mut none, 0, Some(&mut no_wait), None)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     d.signal(libc::SIGTERM);
     let mut ok = 0;
@@ -537,7 +543,13 @@ fn encrypted_rbd_images_interoperate_with_qemu() {
         assert_eq!(f.read(0, 8 * MIB, 8192, 4096), 0);
         assert_eq!(f.buf(8192, marker.len()), &marker[..]);
         drop(f);
-        assert!(d.terminate().success());
+        let log = d.log.clone();
+        let status = d.terminate();
+        assert!(
+            status.success(),
+            "{status}: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
     }
     // No object of the image holds the marker or the 0x5a blocks.
     let objects = ok(Command::new("rados")
@@ -646,4 +658,62 @@ fn qemu_made_luks_on_rbd_and_what_is_refused() {
         ],
     );
     assert!(e.contains("no LUKS header"), "{e}");
+}
+
+fn try_start(socket: &Path) -> Result<blkio::Blkio, String> {
+    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").map_err(|e| e.to_string())?;
+    b.set_str("path", socket.to_str().unwrap())
+        .map_err(|e| e.to_string())?;
+    b.connect().map_err(|e| e.to_string())?;
+    b.set_i32("num-queues", 1).map_err(|e| e.to_string())?;
+    b.start().map_err(|e| e.to_string())?;
+    let r = b.alloc_mem_region(2 << 20).map_err(|e| e.to_string())?;
+    b.map_mem_region(&r).map_err(|e| e.to_string())?;
+    Ok(b)
+}
+
+/// Two daemons on one RBD image (a migration's source and destination):
+/// only the one whose device runs holds librbd's exclusive lock and
+/// writes; the other's device is refused until the first stops.
+#[test]
+fn only_the_running_device_holds_the_rbd_image() {
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ceph.create("handover", 4 * MIB);
+    let d = ceph.serve(dir.path(), "first", &spec, &[]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    f.buf(0, 4096).copy_from_slice(&pattern(31, 4096));
+    assert_eq!(f.write(0, 0, 0, 4096), 0);
+    assert_eq!(f.flush(0), 0);
+
+    let d2 = ceph.serve(dir.path(), "second", &spec, &[]);
+    let _show = ShowLog(d2.log.clone());
+    let refused = try_start(&d2.socket);
+    assert!(
+        refused.is_err(),
+        "second device started beside the first:\n{}\n{}",
+        d.log_text(),
+        d2.log_text()
+    );
+    assert!(
+        d2.log_text()
+            .contains("another vmcrypt runs a device on it"),
+        "{}",
+        d2.log_text()
+    );
+    // The first device is undisturbed.
+    f.buf(0, 4096).copy_from_slice(&pattern(32, 4096));
+    assert_eq!(f.write(0, 4096, 0, 4096), 0);
+    assert_eq!(f.read(0, 0, 8192, 4096), 0);
+    assert_eq!(f.buf(8192, 4096), &pattern(31, 4096)[..]);
+
+    // The first device stops: the second takes over and reads its data.
+    drop(f);
+    d.wait_for_log("lock released");
+    drop(refused);
+    let mut g = Frontend::connect(&d2.socket, 1, MIB as usize);
+    assert_eq!(g.read(0, 0, 0, 8192), 0);
+    assert_eq!(g.buf(0, 4096), &pattern(31, 4096)[..]);
+    assert_eq!(g.buf(4096, 4096), &pattern(32, 4096)[..]);
+    assert!(try_start(&d.socket).is_err(), "the first took it back");
 }
