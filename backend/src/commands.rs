@@ -171,8 +171,50 @@ pub fn export_passphrase_rbd(
 /// `vmcrypt info`: what an image is, without any secret.
 pub fn info(image: &Path) -> Result<(), CommandError> {
     let file = File::open(image).map_err(io(image, "cannot open"))?;
-    let len = file.metadata().map_err(io(image, "cannot stat"))?.len();
-    if !keys::is_luks(&file) {
+    let descriptor = if keys::is_luks(&file) {
+        KeyDescriptor::load(image)?
+    } else {
+        None
+    };
+    show_info(
+        image,
+        &file,
+        descriptor,
+        &KeyDescriptor::path_for(image).display().to_string(),
+    )
+}
+
+/// `vmcrypt info rbd:POOL/IMAGE`: as [`info`], the descriptor from the
+/// image's metadata.
+pub fn info_rbd(spec: &RbdSpec, ceph: &CephOptions) -> Result<(), CommandError> {
+    let name = PathBuf::from(spec.to_string());
+    let rbd = RbdImage::open(spec, ceph, true)?;
+    let (descriptor, at) = rbd_descriptor(&rbd, spec)?;
+    show_info(&name, &rbd, descriptor, &at.display().to_string())
+}
+
+/// An RBD image's key descriptor (from its metadata), and where it is.
+fn rbd_descriptor(
+    rbd: &RbdImage,
+    spec: &RbdSpec,
+) -> Result<(Option<KeyDescriptor>, PathBuf), CommandError> {
+    let at = PathBuf::from(format!("{spec} metadata {}", keys::RBD_DESCRIPTOR_KEY));
+    let text = rbd
+        .metadata_get(keys::RBD_DESCRIPTOR_KEY)
+        .map_err(io(&at, "cannot read"))?;
+    let d = text.map(|t| KeyDescriptor::parse(&t, &at)).transpose()?;
+    Ok((d, at))
+}
+
+fn show_info(
+    image: &Path,
+    blocks: &dyn vmcrypt_crypto::Blocks,
+    descriptor: Option<KeyDescriptor>,
+    descriptor_at: &str,
+) -> Result<(), CommandError> {
+    let len = blocks.size().map_err(io(image, "cannot stat"))?;
+    let mut magic = [0u8; 6];
+    if blocks.read_exact_at(&mut magic, 0).is_err() || &magic != b"LUKS\xba\xbe" {
         println!(
             "image:      {}\nformat:     raw (not encrypted)\ncapacity:   {len} bytes",
             image.display()
@@ -180,7 +222,7 @@ pub fn info(image: &Path) -> Result<(), CommandError> {
         return Ok(());
     }
     // Only shown, never unlocked: no PBKDF2 limit applies.
-    let l = Luks::open_with_limit(&file, image, u32::MAX).map_err(luks_err(image))?;
+    let l = Luks::open_with_limit(blocks, image, u32::MAX).map_err(luks_err(image))?;
     let h = &l.header;
     println!("image:          {}", image.display());
     println!("format:         LUKS1");
@@ -202,7 +244,7 @@ pub fn info(image: &Path) -> Result<(), CommandError> {
         len.saturating_sub(h.payload_bytes())
     );
     println!("key slots:      {:?} in use", h.active_slots());
-    match KeyDescriptor::load(image)? {
+    match descriptor {
         Some(d) => {
             println!("key provider:   {}", d.provider);
             println!("key id:         {}", d.key_id);
@@ -211,10 +253,7 @@ pub fn info(image: &Path) -> Result<(), CommandError> {
                 println!("key store:      {}", k.display());
             }
         }
-        None => println!(
-            "key:            no key descriptor ({})",
-            KeyDescriptor::path_for(image).display()
-        ),
+        None => println!("key:            no key descriptor ({descriptor_at})"),
     }
     Ok(())
 }
@@ -282,8 +321,61 @@ pub fn rekey(
     // header's block (independent of the flock a running serve holds, and
     // taken also by qemu-img, whose locks sit in these bytes).
     lock_header(&file, image)?;
-    let mut l = Luks::open(&file, image).map_err(luks_err(image))?;
-    let (descriptor, old_provider, old_passphrase) = keys::descriptor_key(image, &l.header, old)?;
+    let descriptor = KeyDescriptor::load(image)?;
+    let at = KeyDescriptor::path_for(image);
+    rekey_in(
+        image,
+        &file,
+        (descriptor, &at),
+        old,
+        (new_provider, keystore),
+        revoke_old,
+        |d| Ok(d.store(image, true)?),
+    )
+}
+
+/// `vmcrypt rekey rbd:POOL/IMAGE`: as [`rekey`], the descriptor in the
+/// image's metadata (replaced in one metadata write). The image must not
+/// be served meanwhile: the serving daemon holds librbd's exclusive lock,
+/// without which the key slots cannot be written.
+pub fn rekey_rbd(
+    spec: &RbdSpec,
+    ceph: &CephOptions,
+    old: &KeySource,
+    new_provider: &dyn KeyProvider,
+    keystore: Option<PathBuf>,
+    revoke_old: bool,
+) -> Result<(), CommandError> {
+    let name = PathBuf::from(spec.to_string());
+    let rbd = RbdImage::open(spec, ceph, false)?;
+    let (descriptor, at) = rbd_descriptor(&rbd, spec)?;
+    rekey_in(
+        &name,
+        &rbd,
+        (descriptor, &at),
+        old,
+        (new_provider, keystore),
+        revoke_old,
+        |d| {
+            rbd.metadata_set(keys::RBD_DESCRIPTOR_KEY, &d.text())
+                .map_err(io(&at, "cannot write"))
+        },
+    )
+}
+
+/// The rekey steps on any storage; `store` replaces the descriptor.
+fn rekey_in(
+    image: &Path,
+    blocks: &dyn vmcrypt_crypto::Blocks,
+    (descriptor, at): (Option<KeyDescriptor>, &Path),
+    old: &KeySource,
+    (new_provider, keystore): (&dyn KeyProvider, Option<PathBuf>),
+    revoke_old: bool,
+    store: impl FnOnce(&KeyDescriptor) -> Result<(), CommandError>,
+) -> Result<(), CommandError> {
+    let mut l = Luks::open(blocks, image).map_err(luks_err(image))?;
+    let (descriptor, old_provider, old_passphrase) =
+        keys::descriptor_key_with(image, at, descriptor, &l.header, old)?;
     let (dek, old_slot) = l.unlock(&old_passphrase).map_err(luks_err(image))?;
     drop(old_passphrase);
 
@@ -295,15 +387,14 @@ pub fn rekey(
         .add_slot(&dek, &Passphrase::from_kek(new_kek.as_bytes()))
         .map_err(luks_err(image))?;
     drop(new_kek);
-    KeyDescriptor {
+    store(&KeyDescriptor {
         version: 1,
         luks_uuid: l.header.uuid.clone(),
         provider: new_provider.kind().into(),
         key_id: new_id.clone(),
         key_name: name,
         keystore,
-    }
-    .store(image, true)?;
+    })?;
     l.remove_slot(old_slot).map_err(luks_err(image))?;
     println!(
         "rekeyed {}: key slot {old_slot} (key {}) replaced by slot {new_slot} (key {new_id} at {})",

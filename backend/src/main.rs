@@ -98,7 +98,8 @@ enum Command {
     ///
     /// The old key slot is wiped; with --revoke-old the old KEK is revoked at
     /// its provider. The new KEK is made at --kms if given, else in the local
-    /// key store. Safe while the image is being served.
+    /// key store. Safe while a file image is served; an rbd: image must not
+    /// be served meanwhile (its daemon holds librbd's exclusive lock).
     Rekey {
         image: PathBuf,
         /// KMS configuration: where the old KEK is (if the image's key is at a
@@ -114,6 +115,8 @@ enum Command {
         /// Seconds to keep retrying unreachable KMS servers.
         #[arg(long, value_name = "SECS", default_value_t = 30)]
         kms_deadline: u64,
+        #[command(flatten)]
+        ceph: CephArgs,
     },
 
     /// Copy an image that is not being served, with a key of its own.
@@ -192,7 +195,12 @@ enum Command {
     Kms(KmsCommand),
 
     /// Show what an image is (format, cipher, UUID, capacity, key slots, key id); never a secret.
-    Info { image: PathBuf },
+    Info {
+        /// An image file, or rbd:POOL/IMAGE.
+        image: PathBuf,
+        #[command(flatten)]
+        ceph: CephArgs,
+    },
 
     /// Recovery: write the key-slot passphrase of an encrypted image to a new file (mode 0600).
     ///
@@ -373,12 +381,21 @@ fn main() -> ExitCode {
             keystore,
             revoke_old,
             kms_deadline,
+            ceph,
         } => {
             init_logging(Some("warn"));
             let source = key_source(keystore, kms, kms_deadline);
             done(
-                new_provider(&source).and_then(|(p, dir)| {
-                    commands::rekey(&image, &source, p.as_ref(), dir, revoke_old)
+                new_provider(&source).and_then(|(p, dir)| match rbd_spec(&image) {
+                    Some(spec) => commands::rekey_rbd(
+                        &spec.map_err(commands::CommandError::Invalid)?,
+                        &ceph.options(),
+                        &source,
+                        p.as_ref(),
+                        dir,
+                        revoke_old,
+                    ),
+                    None => commands::rekey(&image, &source, p.as_ref(), dir, revoke_old),
                 }),
             )
         }
@@ -424,7 +441,11 @@ fn main() -> ExitCode {
             init_logging(Some("warn"));
             done(commands::kms_check(&kms))
         }
-        Command::Info { image } => done(commands::info(&image)),
+        Command::Info { image, ceph } => done(match rbd_spec(&image) {
+            Some(Ok(spec)) => commands::info_rbd(&spec, &ceph.options()),
+            Some(Err(e)) => Err(commands::CommandError::Invalid(e)),
+            None => commands::info(&image),
+        }),
         Command::ExportPassphrase {
             image,
             output,

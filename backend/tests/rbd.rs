@@ -717,3 +717,71 @@ fn only_the_running_device_holds_the_rbd_image() {
     assert_eq!(g.buf(4096, 4096), &pattern(32, 4096)[..]);
     assert!(try_start(&d.socket).is_err(), "the first took it back");
 }
+
+/// `info` and `rekey` of an encrypted RBD image read and write its
+/// descriptor in the metadata: after the rekey the new KEK opens it and
+/// the old one no longer does.
+#[test]
+fn info_and_rekey_of_an_encrypted_rbd_image() {
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let conf = ceph.conf.to_str().unwrap();
+    let vmcrypt = |args: &[&str]| {
+        ok(Command::new(BIN)
+            .args(args)
+            .args(["--keystore", keys.to_str().unwrap(), "--ceph-conf", conf])
+            .output()
+            .unwrap())
+    };
+    vmcrypt(&["create", "rbd:rbd/rk", "--size", "8M"]);
+    let key_id = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("key id:"))
+            .unwrap_or_else(|| panic!("no key id in:\n{text}"))
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .to_string()
+    };
+    let before = ok(Command::new(BIN)
+        .args(["info", "rbd:rbd/rk", "--ceph-conf", conf])
+        .output()
+        .unwrap());
+    assert!(before.contains("format:         LUKS1"), "{before}");
+    assert!(before.contains("capacity:       8388608 bytes"), "{before}");
+    let old_pass = dir.path().join("old.pass");
+    vmcrypt(&[
+        "export-passphrase",
+        "rbd:rbd/rk",
+        "--output",
+        old_pass.to_str().unwrap(),
+    ]);
+
+    let out = vmcrypt(&["rekey", "rbd:rbd/rk"]);
+    assert!(out.contains("rekeyed rbd:rbd/rk"), "{out}");
+    let after = ok(Command::new(BIN)
+        .args(["info", "rbd:rbd/rk", "--ceph-conf", conf])
+        .output()
+        .unwrap());
+    assert_ne!(key_id(&before), key_id(&after));
+    assert!(after.contains("key slots:      [1] in use"), "{after}");
+    // The new key serves it; the old passphrase no longer opens it.
+    let d = ceph.serve(dir.path(), "rk", "rbd:rbd/rk", &[]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    f.buf(0, 4096).copy_from_slice(&pattern(41, 4096));
+    assert_eq!(f.write(0, 0, 0, 4096), 0);
+    drop(f);
+    drop(d);
+    let out = Command::new("qemu-io")
+        .arg("--object")
+        .arg(format!("secret,id=s0,file={}", old_pass.display()))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=luks,key-secret=s0,file.driver=rbd,file.pool=rbd,file.image=rk,file.conf={conf}"
+        ))
+        .args(["-c", "read 0 4k"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the old passphrase still opens it");
+}
