@@ -27,4 +27,6 @@ cargo build --release -p vmcrypt -p vmcrypt-bench
 target/release/vmcrypt-bench --quick --out target/bench-quick > /dev/null
 target/release/vmcrypt-bench --quick --cache none --targets raw,luks --no-xts \
   --out target/bench-quick-none > /dev/null
+target/release/vmcrypt-bench --quick --targets rbd,rbd-luks --no-xts --queues 1 \
+  --out target/bench-quick-rbd > /dev/null
 echo "benchmark smoke run: ok"

@@ -43,7 +43,10 @@ struct Args {
     /// Queue counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     queues: Vec<u32>,
-    /// Targets: null, raw, luks (encrypted).
+    /// Targets: null, raw, luks (encrypted), and on Ceph RBD rbd and
+    /// rbd-luks (a single-node memstore cluster that ci/ceph.sh starts for
+    /// the run: it measures the client path, not a real cluster; images of
+    /// at most 256 MiB).
     #[arg(long, value_delimiter = ',', default_value = "null,raw,luks")]
     targets: Vec<String>,
     /// Skip the XTS engine benchmark.
@@ -201,11 +204,98 @@ fn make_luks_image(vmcrypt: &Path, dir: &Path, size: u64) -> std::io::Result<(Pa
     Ok((img, pass))
 }
 
-fn pairs(args: &Args, dir: &Path) -> Vec<(String, ServerSpec, ServerSpec)> {
+/// The Ceph cluster the rbd targets use, stopped when dropped.
+struct Ceph {
+    dir: PathBuf,
+    conf: PathBuf,
+}
+
+fn ceph_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ci/ceph.sh")
+}
+
+impl Ceph {
+    fn start(dir: &Path) -> Ceph {
+        let dir = dir.join("ceph");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let out = std::process::Command::new("bash")
+            .arg(ceph_script())
+            .arg("start")
+            .arg(&dir)
+            .env("CEPH_PORT", port.to_string())
+            .output()
+            .expect("ci/ceph.sh");
+        assert!(
+            out.status.success(),
+            "ci/ceph.sh start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ceph {
+            conf: dir.join("ceph.conf"),
+            dir,
+        }
+    }
+
+    /// Imports `file` as `rbd/NAME`.
+    fn import(&self, file: &Path, name: &str) {
+        let out = std::process::Command::new("rbd")
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("import")
+            .arg(file)
+            .arg(format!("rbd/{name}"))
+            .output()
+            .expect("rbd import");
+        assert!(
+            out.status.success(),
+            "rbd import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Ceph {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(ceph_script())
+            .arg("stop")
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+fn pairs(args: &Args, dir: &Path, ceph: Option<&Ceph>) -> Vec<(String, ServerSpec, ServerSpec)> {
     let size = args.size_mib << 20;
     let mut v = Vec::new();
     for t in &args.targets {
         let (target_a, target_b) = match t.as_str() {
+            // One image per server: both run at once, and the one whose
+            // device runs holds an RBD image's exclusive lock.
+            "rbd" | "rbd-luks" => {
+                let ceph = ceph.expect("a cluster for the rbd targets");
+                let (file, passphrase) = if t == "rbd" {
+                    let img = dir.join("raw.img");
+                    make_image(&img, size).expect("raw image");
+                    (img, None)
+                } else {
+                    let (img, pass) =
+                        make_luks_image(&args.vmcrypt_bin, dir, size).expect("LUKS image");
+                    (img, Some(pass))
+                };
+                let target = |side: &str| {
+                    let name = format!("bench-{t}-{side}");
+                    ceph.import(&file, &name);
+                    Target::Rbd {
+                        conf: ceph.conf.clone(),
+                        name,
+                        passphrase: passphrase.clone(),
+                    }
+                };
+                (target("a"), target("b"))
+            }
             "null" => (Target::Null { size }, Target::Null { size }),
             "raw" => {
                 let img = dir.join("raw.img");
@@ -229,6 +319,8 @@ fn pairs(args: &Args, dir: &Path) -> Vec<(String, ServerSpec, ServerSpec)> {
         let (la, lb) = match t.as_str() {
             "null" => ("vmcrypt null", "QSD null-co"),
             "luks" => ("vmcrypt encrypted", "QSD luks"),
+            "rbd" => ("vmcrypt rbd", "QSD rbd"),
+            "rbd-luks" => ("vmcrypt rbd encrypted", "QSD rbd+luks"),
             _ => ("vmcrypt raw", "QSD raw"),
         };
         v.push((
@@ -314,8 +406,14 @@ fn main() {
         std::process::exit(2);
     }
     let dur = Duration::from_secs_f64(args.seconds);
+    let uses_rbd = args.targets.iter().any(|t| t.starts_with("rbd"));
+    if uses_rbd && args.size_mib > 256 {
+        eprintln!("rbd targets: images of 256 MiB (the memstore OSD keeps them in memory)");
+        args.size_mib = 256;
+    }
     let span = args.size_mib << 20;
-    let pairs = pairs(&args, &dir);
+    let ceph = uses_rbd.then(|| Ceph::start(&dir));
+    let pairs = pairs(&args, &dir, ceph.as_ref());
     let cells_total: usize = pairs.len()
         * WORKLOADS
             .iter()

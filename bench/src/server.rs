@@ -21,6 +21,13 @@ pub enum Target {
         image: PathBuf,
         passphrase: PathBuf,
     },
+    /// An RBD image `rbd/NAME` of the cluster `conf` describes; with a
+    /// passphrase, a LUKS image inside it.
+    Rbd {
+        conf: PathBuf,
+        name: String,
+        passphrase: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +122,20 @@ impl Server {
                         .arg(image)
                         .arg("--passphrase-file")
                         .arg(passphrase),
+                    Target::Rbd {
+                        conf,
+                        name,
+                        passphrase,
+                    } => {
+                        c.arg("--image")
+                            .arg(format!("rbd:rbd/{name}"))
+                            .arg("--ceph-conf")
+                            .arg(conf);
+                        match passphrase {
+                            Some(p) => c.arg("--passphrase-file").arg(p),
+                            None => c.args(["--format", "raw"]),
+                        }
+                    }
                 };
                 c
             }
@@ -142,6 +163,26 @@ impl Server {
                         ));
                         c.arg("--blockdev")
                             .arg("driver=luks,node-name=d0,file=f0,key-secret=s0");
+                    }
+                    Target::Rbd {
+                        conf,
+                        name,
+                        passphrase,
+                    } => {
+                        let rbd =
+                            format!("driver=rbd,pool=rbd,image={name},conf={}", conf.display());
+                        match passphrase {
+                            Some(p) => {
+                                c.arg("--object")
+                                    .arg(format!("secret,id=s0,file={}", p.display()));
+                                c.arg("--blockdev").arg(format!("{rbd},node-name=f0"));
+                                c.arg("--blockdev")
+                                    .arg("driver=luks,node-name=d0,file=f0,key-secret=s0");
+                            }
+                            None => {
+                                c.arg("--blockdev").arg(format!("{rbd},node-name=d0"));
+                            }
+                        }
                     }
                 }
                 c.arg("--export").arg(format!(
