@@ -149,10 +149,44 @@ struct Migrated {
 /// vmcrypt on the same encrypted image; `script` runs in the guest and
 /// prints "=== MIGRATE-NOW" when the migration should start.
 fn migrate_while(script: &str) -> Migrated {
+    migrate_while_on(script, false)
+}
+
+/// As [`migrate_while`]; with `rbd`, the encrypted image is on Ceph RBD (a
+/// single-node cluster from ci/ceph.sh), both daemons on the same image.
+fn migrate_while_on(script: &str, rbd: bool) -> Migrated {
     let (image, accel, _lock) = setup();
     let work = tempfile::tempdir().unwrap();
-    let img = create_encrypted(work.path(), "disk.img", "256M").unwrap();
-    let args = serve_args(&img, &[]);
+    let ceph = rbd.then(|| guest_tests::ceph::Ceph::start().unwrap());
+    let (img, conf);
+    let args: Vec<&str> = match &ceph {
+        Some(c) => {
+            conf = c.conf.to_str().unwrap().to_string();
+            let out = std::process::Command::new(guest_tests::vmcrypt::binary())
+                .args(["create", "rbd:rbd/migrate", "--size", "256M", "--keystore"])
+                .arg(work.path().join("keys"))
+                .args(["--ceph-conf", &conf])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            vec![
+                "--image",
+                "rbd:rbd/migrate",
+                "--ceph-conf",
+                &conf,
+                "--num-queues",
+                "2",
+            ]
+        }
+        None => {
+            img = create_encrypted(work.path(), "disk.img", "256M").unwrap();
+            serve_args(&img, &[])
+        }
+    };
     let src_d = Vmcrypt::start(work.path(), "source", &args).unwrap();
     let dst_d = Vmcrypt::start(work.path(), "destination", &args).unwrap();
 
@@ -234,6 +268,7 @@ fn migrate_while(script: &str) -> Migrated {
     assert!(src_d.log_text().contains("lock released"), "{logs}");
     assert!(dst_d.log_text().contains("image lock taken"), "{logs}");
     assert!(dst_d.stop().success());
+    drop(ceph);
     Migrated {
         run,
         after,
@@ -324,5 +359,33 @@ exit $rc
     assert_eq!(fio_errors(&fio), 0);
     // fio was still running when the guest reached the destination.
     assert!(!m.after.contains("=== BEGIN fio"), "{}", m.run.console);
+    assert!(m.after.contains("=== END fio"), "{}", m.run.console);
+}
+
+/// As `migration_while_the_guest_writes`, both daemons on one encrypted
+/// RBD image: librbd's exclusive lock passes from the source's device to
+/// the destination's.
+#[test]
+#[ignore = "intermittent: about one run in four the guest stops after migrating (TCG, QEMU 7.2); see README, Restarts, crashes and live migration"]
+fn migration_on_rbd_while_the_guest_writes() {
+    let script = format!(
+        r#"
+echo "=== MIGRATE-NOW"
+echo "=== BEGIN fio"
+fio --output-format=json --name=migrate --filename=/dev/vda --direct=1 --ioengine=libaio \
+    --iodepth=16 --rw=randwrite --bs=4k --size=24M --offset_increment=64M --numjobs=2 \
+    --rate_iops=400 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --random_generator=tausworthe64
+rc=$?
+echo "=== END fio"
+{DMESG_CHECK}
+exit $rc
+"#
+    );
+    let m = migrate_while_on(&script, true);
+    let fio = m.run.fio("fio").unwrap();
+    eprint!("{}", fio_summary(&fio));
+    expect_clean(&m.run, &m.logs);
+    assert_eq!(fio_errors(&fio), 0);
     assert!(m.after.contains("=== END fio"), "{}", m.run.console);
 }
