@@ -54,7 +54,8 @@ pub enum CacheMode {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServeOptions {
     /// The disk image to serve: a file or block device, `rbd:POOL/IMAGE`
-    /// (or `rbd:POOL/NAMESPACE/IMAGE`) for a Ceph RBD image through librbd,
+    /// (or `rbd:POOL/NAMESPACE/IMAGE`, and `@SNAPSHOT` with --read-only) for
+    /// a Ceph RBD image through librbd,
     /// or `null:SIZE` for a device that reads zeroes and drops writes (e.g.
     /// `null:1G`).
     #[arg(long, value_name = "PATH|rbd:POOL/IMAGE|null:SIZE")]
@@ -399,6 +400,14 @@ impl TryFrom<ServeOptions> for ServeConfig {
             .iter()
             .map(|f| f.parse::<FilterSpec>())
             .collect::<Result<Vec<_>, _>>()?;
+        if let ImageSpec::Rbd(r) = &image {
+            if r.snapshot.is_some() && !o.read_only {
+                return Err(invalid(
+                    "image",
+                    format!("{r}: an RBD snapshot is read-only; add --read-only"),
+                ));
+            }
+        }
         if matches!(image, ImageSpec::Null { .. })
             && o.format == Some(crate::keys::ImageFormat::Luks)
         {

@@ -160,7 +160,8 @@ enum Command {
     /// Methods: status, query-stats, metrics (Prometheus text),
     /// set-throttle (e.g. `total_iops_sec=1000 write_bytes_sec=50M`; 0
     /// removes a limit), resize (`size=20G`; grows only, the guest is told),
-    /// snapshot (`path=/abs/new.img`; a reflink copy, XFS or btrfs).
+    /// snapshot (`path=/abs/new.img`; a reflink copy, XFS or btrfs; on an
+    /// RBD image `name=SNAP`, an RBD snapshot).
     /// Parameters are key=value; sizes take K/M/G/T.
     Ctl {
         /// The daemon's control socket.

@@ -23,42 +23,64 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::storage::{IoOp, Submitted};
 
-/// Where an RBD image is: `rbd:POOL/IMAGE` or `rbd:POOL/NAMESPACE/IMAGE`.
+/// Where an RBD image is: `rbd:POOL/IMAGE` or `rbd:POOL/NAMESPACE/IMAGE`,
+/// optionally `@SNAPSHOT` (read-only).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RbdSpec {
     pub pool: String,
     pub namespace: Option<String>,
     pub image: String,
+    pub snapshot: Option<String>,
 }
 
 impl RbdSpec {
     /// Parses what follows `rbd:`.
     pub fn parse(s: &str) -> Result<RbdSpec, String> {
-        let parts: Vec<&str> = s.split('/').collect();
+        let bad = || {
+            format!(
+                "'rbd:{s}': expected rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE (and @SNAPSHOT)"
+            )
+        };
+        let (path, snapshot) = match s.split_once('@') {
+            Some((p, snap)) if is_name(snap) => (p, Some(snap.to_string())),
+            Some(_) => return Err(bad()),
+            None => (s, None),
+        };
+        let parts: Vec<&str> = path.split('/').collect();
         let ok = |p: &&str| !p.is_empty() && !p.contains('\0');
-        match parts.as_slice() {
-            [pool, image] if ok(pool) && ok(image) => Ok(RbdSpec {
-                pool: (*pool).into(),
-                namespace: None,
-                image: (*image).into(),
-            }),
-            [pool, ns, image] if ok(pool) && ok(ns) && ok(image) => Ok(RbdSpec {
-                pool: (*pool).into(),
-                namespace: Some((*ns).into()),
-                image: (*image).into(),
-            }),
-            _ => Err(format!(
-                "'rbd:{s}': expected rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE"
-            )),
-        }
+        let (pool, namespace, image) = match parts.as_slice() {
+            [pool, image] if ok(pool) && ok(image) => (pool, None, image),
+            [pool, ns, image] if ok(pool) && ok(ns) && ok(image) => {
+                (pool, Some((*ns).to_string()), image)
+            }
+            _ => return Err(bad()),
+        };
+        Ok(RbdSpec {
+            pool: (*pool).into(),
+            namespace,
+            image: (*image).into(),
+            snapshot,
+        })
     }
+}
+
+/// A snapshot name vmcrypt accepts: letters, digits, `-`, `_`, `.`.
+pub fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 impl std::fmt::Display for RbdSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.namespace {
-            Some(ns) => write!(f, "rbd:{}/{ns}/{}", self.pool, self.image),
-            None => write!(f, "rbd:{}/{}", self.pool, self.image),
+            Some(ns) => write!(f, "rbd:{}/{ns}/{}", self.pool, self.image)?,
+            None => write!(f, "rbd:{}/{}", self.pool, self.image)?,
+        }
+        match &self.snapshot {
+            Some(snap) => write!(f, "@{snap}"),
+            None => Ok(()),
         }
     }
 }
@@ -151,6 +173,7 @@ struct Lib {
     rbd_create: unsafe extern "C" fn(Ioctx, *const c_char, u64, *mut c_int) -> c_int,
     rbd_lock_acquire: unsafe extern "C" fn(Image, c_int) -> c_int,
     rbd_lock_release: unsafe extern "C" fn(Image) -> c_int,
+    rbd_snap_create: unsafe extern "C" fn(Image, *const c_char) -> c_int,
 }
 
 /// Resolves `name` in `handle` as a function of type `T`.
@@ -242,6 +265,7 @@ fn load() -> Result<Lib, RbdError> {
             rbd_create: symbol(rbd, RBD, "rbd_create")?,
             rbd_lock_acquire: symbol(rbd, RBD, "rbd_lock_acquire")?,
             rbd_lock_release: symbol(rbd, RBD, "rbd_lock_release")?,
+            rbd_snap_create: symbol(rbd, RBD, "rbd_snap_create")?,
         })
     }
 }
@@ -414,13 +438,27 @@ impl RbdImage {
             }
             call(&format!("creating {spec}"), rc)?;
         }
-        let open = if read_only {
+        // A snapshot is opened read-only.
+        let open = if read_only || spec.snapshot.is_some() {
             lib.rbd_open_read_only
         } else {
             lib.rbd_open
         };
-        // SAFETY: valid io context, C string, out pointer; no snapshot.
-        let rc = unsafe { open(me.ioctx, name.as_ptr(), &mut me.image, std::ptr::null()) };
+        let snap = spec
+            .snapshot
+            .as_deref()
+            .map(|s| cstr(s, "snapshot"))
+            .transpose()?;
+        // SAFETY: valid io context, C strings (or null: no snapshot), out
+        // pointer.
+        let rc = unsafe {
+            open(
+                me.ioctx,
+                name.as_ptr(),
+                &mut me.image,
+                snap.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            )
+        };
         if rc < 0 {
             me.image = std::ptr::null_mut();
             return Err(match -rc {
@@ -486,6 +524,19 @@ impl RbdImage {
         let rc = unsafe { (self.lib.rbd_lock_release)(self.image) };
         if rc < 0 && rc != -libc::EINVAL {
             tracing::warn!(image = %self.spec, "releasing the RBD lock: {}", errno(rc.into()));
+        }
+    }
+
+    /// Creates the snapshot `name` of the image (what was written and
+    /// flushed until now).
+    pub fn snapshot(&self, name: &str) -> io::Result<()> {
+        let n = CString::new(name).map_err(io::Error::other)?;
+        // SAFETY: open image and C string.
+        let rc = unsafe { (self.lib.rbd_snap_create)(self.image, n.as_ptr()) };
+        if rc < 0 {
+            Err(errno(rc.into()))
+        } else {
+            Ok(())
         }
     }
 
@@ -851,9 +902,15 @@ mod tests {
             RbdSpec {
                 pool: "rbd".into(),
                 namespace: None,
-                image: "disk0".into()
+                image: "disk0".into(),
+                snapshot: None,
             }
         );
+        let s = RbdSpec::parse("rbd/disk0@monday").unwrap();
+        assert_eq!(s.snapshot.as_deref(), Some("monday"));
+        assert_eq!(s.to_string(), "rbd:rbd/disk0@monday");
+        assert!(RbdSpec::parse("rbd/disk0@").is_err());
+        assert!(RbdSpec::parse("rbd/disk0@a/b").is_err());
         let s = RbdSpec::parse("vms/tenant1/disk0").unwrap();
         assert_eq!(s.namespace.as_deref(), Some("tenant1"));
         assert_eq!(s.to_string(), "rbd:vms/tenant1/disk0");

@@ -785,3 +785,80 @@ fn info_and_rekey_of_an_encrypted_rbd_image() {
         .unwrap();
     assert!(!out.status.success(), "the old passphrase still opens it");
 }
+
+/// The control socket's `snapshot` on an encrypted RBD image: an RBD
+/// snapshot taken while the queues are held, which serves on its own
+/// (read-only) with what was written before it; the live image goes on.
+#[test]
+fn control_snapshot_of_an_rbd_image() {
+    use std::io::{BufRead, BufReader, Write};
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = ceph.conf.to_str().unwrap();
+    ok(Command::new(BIN)
+        .args(["create", "rbd:rbd/snapped", "--size", "8M", "--keystore"])
+        .arg(dir.path().join("keys"))
+        .args(["--ceph-conf", conf])
+        .output()
+        .unwrap());
+    let control = dir.path().join("control.sock");
+    let d = ceph.serve(
+        dir.path(),
+        "live",
+        "rbd:rbd/snapped",
+        &["--control", control.to_str().unwrap()],
+    );
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    f.buf(0, 65536).copy_from_slice(&pattern(51, 65536));
+    assert_eq!(f.write(0, 0, 0, 65536), 0);
+
+    let rpc = |params: &str| -> serde_json::Value {
+        let s = std::os::unix::net::UnixStream::connect(&control).unwrap();
+        let mut w = s.try_clone().unwrap();
+        writeln!(
+            w,
+            r#"{{"jsonrpc":"2.0","id":1,"method":"snapshot","params":{params}}}"#
+        )
+        .unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    let r = rpc(r#"{"name":"first"}"#);
+    assert_eq!(r["result"]["snapshot"], "rbd:rbd/snapped@first", "{r}");
+    eprintln!("RBD snapshot pause: {} ms", r["result"]["pause_ms"]);
+    let r = rpc(r#"{"name":"first"}"#);
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("exists"),
+        "{r}"
+    );
+    let r = rpc(r#"{"path":"/tmp/x.img"}"#);
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("name"),
+        "{r}"
+    );
+    let r = rpc(r#"{"name":"a/b"}"#);
+    assert!(r["error"].is_object(), "{r}");
+
+    f.buf(0, 65536).copy_from_slice(&pattern(52, 65536));
+    assert_eq!(f.write(0, 0, 0, 65536), 0);
+    assert!(d.child_alive());
+
+    // The snapshot serves on its own, read-only, with the data before it.
+    let e = start_fails(
+        dir.path(),
+        &["--image", "rbd:rbd/snapped@first", "--ceph-conf", conf],
+    );
+    assert!(e.contains("--read-only"), "{e}");
+    let s = ceph.serve(
+        dir.path(),
+        "snap",
+        "rbd:rbd/snapped@first",
+        &["--read-only"],
+    );
+    let mut g = Frontend::connect_with(&s.socket, 1, MIB as usize, true);
+    assert_eq!(g.read(0, 0, 0, 65536), 0);
+    assert_eq!(g.buf(0, 65536), &pattern(51, 65536)[..]);
+    assert_eq!(f.read(0, 0, 0, 65536), 0);
+    assert_eq!(f.buf(0, 65536), &pattern(52, 65536)[..]);
+}
