@@ -110,15 +110,7 @@ pub fn program(mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
 
 /// As [`program`], with the network calls of a Ceph client if `network`.
 pub fn program_for(mismatch: SeccompAction, network: bool) -> Result<BpfProgram, SeccompError> {
-    let filter = SeccompFilter::new(
-        allowed(network),
-        mismatch,
-        SeccompAction::Allow,
-        std::env::consts::ARCH
-            .try_into()
-            .map_err(SeccompError::Build)?,
-    )?;
-    Ok(filter.try_into()?)
+    compile(allowed(network), mismatch, SeccompAction::Allow)
 }
 
 /// Opening files fails with EACCES instead of ending the daemon: the C
@@ -131,15 +123,7 @@ pub fn no_open_program() -> Result<BpfProgram, SeccompError> {
         .chain(unlink_syscalls())
         .map(|nr| (nr, vec![]))
         .collect();
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
-        std::env::consts::ARCH
-            .try_into()
-            .map_err(SeccompError::Build)?,
-    )?;
-    Ok(filter.try_into()?)
+    compile(rules, SeccompAction::Allow, eacces())
 }
 
 /// Like [`no_open_program`], except that `open` and `openat` with
@@ -157,15 +141,24 @@ pub fn create_only_program() -> Result<BpfProgram, SeccompError> {
     rules.insert(libc::SYS_open, not_new(1));
     // openat2 passes its flags in memory seccomp cannot read.
     rules.insert(libc::SYS_openat2, vec![]);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EACCES as u32),
-        std::env::consts::ARCH
-            .try_into()
-            .map_err(SeccompError::Build)?,
-    )?;
-    Ok(filter.try_into()?)
+    compile(rules, SeccompAction::Allow, eacces())
+}
+
+/// Compiles `rules` for this architecture: `matched` for a call a rule
+/// matches, `mismatch` for every other call.
+fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(SeccompError::Build)?;
+    Ok(SeccompFilter::new(rules, mismatch, matched, arch)?.try_into()?)
+}
+
+fn eacces() -> SeccompAction {
+    SeccompAction::Errno(libc::EACCES as u32)
 }
 
 fn unlink_syscalls() -> Vec<i64> {
