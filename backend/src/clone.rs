@@ -27,7 +27,7 @@ use vmcrypt_crypto::{luks, Luks, MasterKey, Passphrase, Xts, SECTOR};
 use vmcrypt_kms::KeyProvider;
 use zeroize::Zeroize;
 
-use crate::commands::CommandError;
+use crate::commands::{io, luks_err, CommandError};
 use crate::keys::{self, KeyDescriptor, KeyError, KeySource};
 
 /// What to clone, and how.
@@ -458,23 +458,6 @@ fn lock_shared(file: &File, path: &Path) -> Result<(), CommandError> {
          (`vmcrypt ctl --control PATH snapshot path=...`) and clone that",
         path.display()
     )))
-}
-
-fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> CommandError + 'a {
-    move |source| CommandError::Io {
-        path: path.into(),
-        what,
-        source,
-    }
-}
-
-fn luks_err(path: &Path) -> impl FnOnce(luks::LuksError) -> CommandError + '_ {
-    move |source| {
-        CommandError::Key(KeyError::Luks {
-            path: path.into(),
-            source,
-        })
-    }
 }
 
 #[cfg(test)]

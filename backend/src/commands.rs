@@ -27,7 +27,10 @@ pub enum CommandError {
     Rbd(#[from] crate::rbd::RbdError),
 }
 
-fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> CommandError + 'a {
+pub(crate) fn io<'a>(
+    path: &'a Path,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> CommandError + 'a {
     move |source| CommandError::Io {
         path: path.into(),
         what,
@@ -35,7 +38,7 @@ fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-fn luks_err(path: &Path) -> impl FnOnce(luks::LuksError) -> CommandError + '_ {
+pub(crate) fn luks_err(path: &Path) -> impl FnOnce(luks::LuksError) -> CommandError + '_ {
     move |source| {
         CommandError::Key(KeyError::Luks {
             path: path.into(),
@@ -157,11 +160,7 @@ pub fn export_passphrase_rbd(
     let passphrase = match &source.passphrase_file {
         Some(p) => keys::read_passphrase_file(p)?,
         None => {
-            let at = PathBuf::from(format!("{spec} metadata {}", keys::RBD_DESCRIPTOR_KEY));
-            let text = rbd
-                .metadata_get(keys::RBD_DESCRIPTOR_KEY)
-                .map_err(io(&name, "cannot read the metadata"))?;
-            let d = text.map(|t| KeyDescriptor::parse(&t, &at)).transpose()?;
+            let (d, at) = keys::rbd_descriptor(&rbd)?;
             keys::descriptor_key_with(&name, &at, d, &l.header, source)?.2
         }
     };
@@ -189,21 +188,8 @@ pub fn info(image: &Path) -> Result<(), CommandError> {
 pub fn info_rbd(spec: &RbdSpec, ceph: &CephOptions) -> Result<(), CommandError> {
     let name = PathBuf::from(spec.to_string());
     let rbd = RbdImage::open(spec, ceph, true)?;
-    let (descriptor, at) = rbd_descriptor(&rbd, spec)?;
+    let (descriptor, at) = keys::rbd_descriptor(&rbd)?;
     show_info(&name, &rbd, descriptor, &at.display().to_string())
-}
-
-/// An RBD image's key descriptor (from its metadata), and where it is.
-fn rbd_descriptor(
-    rbd: &RbdImage,
-    spec: &RbdSpec,
-) -> Result<(Option<KeyDescriptor>, PathBuf), CommandError> {
-    let at = PathBuf::from(format!("{spec} metadata {}", keys::RBD_DESCRIPTOR_KEY));
-    let text = rbd
-        .metadata_get(keys::RBD_DESCRIPTOR_KEY)
-        .map_err(io(&at, "cannot read"))?;
-    let d = text.map(|t| KeyDescriptor::parse(&t, &at)).transpose()?;
-    Ok((d, at))
 }
 
 fn show_info(
@@ -213,8 +199,7 @@ fn show_info(
     descriptor_at: &str,
 ) -> Result<(), CommandError> {
     let len = blocks.size().map_err(io(image, "cannot stat"))?;
-    let mut magic = [0u8; 6];
-    if blocks.read_exact_at(&mut magic, 0).is_err() || &magic != b"LUKS\xba\xbe" {
+    if !keys::is_luks(blocks) {
         println!(
             "image:      {}\nformat:     raw (not encrypted)\ncapacity:   {len} bytes",
             image.display()
@@ -348,7 +333,7 @@ pub fn rekey_rbd(
 ) -> Result<(), CommandError> {
     let name = PathBuf::from(spec.to_string());
     let rbd = RbdImage::open(spec, ceph, false)?;
-    let (descriptor, at) = rbd_descriptor(&rbd, spec)?;
+    let (descriptor, at) = keys::rbd_descriptor(&rbd)?;
     rekey_in(
         &name,
         &rbd,

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -241,10 +241,10 @@ impl KeySource {
     }
 }
 
-/// True if the file starts with the LUKS magic.
-pub fn is_luks(file: &File) -> bool {
+/// True if the image (a file, or any storage) starts with the LUKS magic.
+pub fn is_luks(blocks: &dyn vmcrypt_crypto::Blocks) -> bool {
     let mut magic = [0u8; 6];
-    file.read_exact_at(&mut magic, 0).is_ok() && &magic == b"LUKS\xba\xbe"
+    blocks.read_exact_at(&mut magic, 0).is_ok() && &magic == b"LUKS\xba\xbe"
 }
 
 /// Reads a passphrase file: its bytes as they are (as cryptsetup's
@@ -379,6 +379,22 @@ pub fn unlock(image: &Path, file: &File, source: &KeySource) -> Result<Unlocked,
 
 /// The metadata key under which an RBD image keeps its key descriptor.
 pub const RBD_DESCRIPTOR_KEY: &str = "vmcrypt.descriptor";
+
+/// An RBD image's key descriptor, read from its metadata, and where it
+/// is (for messages).
+pub fn rbd_descriptor(
+    rbd: &crate::rbd::RbdImage,
+) -> Result<(Option<KeyDescriptor>, PathBuf), KeyError> {
+    let at = PathBuf::from(format!("{} metadata {RBD_DESCRIPTOR_KEY}", rbd.spec()));
+    let text = rbd
+        .metadata_get(RBD_DESCRIPTOR_KEY)
+        .map_err(|e| KeyError::Descriptor {
+            path: at.clone(),
+            reason: e.to_string(),
+        })?;
+    let d = text.map(|t| KeyDescriptor::parse(&t, &at)).transpose()?;
+    Ok((d, at))
+}
 
 /// As [`unlock`], for any storage, with its descriptor already read (from
 /// `at`).

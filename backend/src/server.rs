@@ -142,19 +142,8 @@ fn open(cfg: &ServeConfig) -> Result<Opened, ServeError> {
             let rbd = Arc::new(crate::rbd::RbdImage::open(spec, &cfg.ceph, cfg.read_only)?);
             tracing::info!(image = %spec, size = rbd.size(), "RBD image open");
             let name = PathBuf::from(spec.to_string());
-            let at = PathBuf::from(format!("{spec} metadata {}", keys::RBD_DESCRIPTOR_KEY));
-            let stored =
-                rbd.metadata_get(keys::RBD_DESCRIPTOR_KEY)
-                    .map_err(|e| KeyError::Descriptor {
-                        path: at.clone(),
-                        reason: e.to_string(),
-                    })?;
-            let descriptor = stored
-                .map(|text| KeyDescriptor::parse(&text, &at))
-                .transpose()?;
-            let mut magic = [0u8; 6];
-            let has_header = vmcrypt_crypto::Blocks::read_exact_at(&*rbd, &mut magic, 0).is_ok()
-                && &magic == b"LUKS\xba\xbe";
+            let (descriptor, at) = keys::rbd_descriptor(&rbd)?;
+            let has_header = keys::is_luks(&*rbd);
             let luks = match cfg.format {
                 Some(f) => f == ImageFormat::Luks,
                 None => descriptor.is_some() || cfg.keys.passphrase_file.is_some(),
