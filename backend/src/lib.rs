@@ -46,6 +46,7 @@ pub mod keys;
 pub mod listen;
 pub mod metrics;
 pub mod notify;
+pub mod pagecache;
 pub mod rbd;
 pub mod request;
 pub mod seccomp;

@@ -253,6 +253,8 @@ fn allowed(network: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_munmap,
         libc::SYS_mremap,
         libc::SYS_madvise,
+        // Whether an encrypted read is all in the page cache (`pagecache`).
+        libc::SYS_mincore,
         libc::SYS_mlock,
         libc::SYS_munlock,
         libc::SYS_memfd_create,

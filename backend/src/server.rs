@@ -202,13 +202,14 @@ fn open(cfg: &ServeConfig) -> Result<Opened, ServeError> {
                              they are still kept out of core dumps"
                         );
                     }
-                    filters.push(Arc::new(
-                        Encrypt::new(unlocked.key)
-                            .map_err(|e| ServeError::Key(KeyError::BadDataKey(e)))?,
-                    ));
                     let payload = unlocked.header.payload_bytes();
                     let direct = open_direct(cfg, path, payload)?;
-                    let image = Image::from_file(file, path, payload, cfg.block_size, direct)?;
+                    let mut image = Image::from_file(file, path, payload, cfg.block_size, direct)?;
+                    filters.push(Arc::new(
+                        Encrypt::new(unlocked.key)
+                            .map_err(|e| ServeError::Key(KeyError::BadDataKey(e)))?
+                            .reading_cached_from(image.map_page_cache()),
+                    ));
                     (image, "luks1", Some(unlocked.origin))
                 }
                 ImageFormat::Raw => {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 
 use crate::direct::DirectIo;
+use crate::pagecache::PageCacheView;
 use crate::request::Iov;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -52,6 +53,8 @@ pub enum Image {
         capacity: u64,
         /// `--cache none`: the descriptor the queues' io_uring uses.
         direct: Option<DirectIo>,
+        /// A read-only mapping for encrypted reads from the page cache.
+        view: Option<Arc<PageCacheView>>,
     },
     /// A Ceph RBD image, one handle shared by every queue; the disk starts
     /// `data_offset` bytes in (after a LUKS header).
@@ -87,7 +90,36 @@ impl Image {
             data_offset,
             capacity: size,
             direct,
+            view: None,
         })
+    }
+
+    /// Maps the image for reads straight from the page cache (see
+    /// `pagecache`), unless it is read with direct I/O. None where that
+    /// is not possible; reads then all go through io_uring.
+    pub fn map_page_cache(&mut self) -> Option<Arc<PageCacheView>> {
+        let Image::File {
+            file,
+            path,
+            data_offset,
+            capacity,
+            direct: None,
+            view,
+        } = self
+        else {
+            return None;
+        };
+        match PageCacheView::map(file, *data_offset + *capacity, *data_offset) {
+            Ok(v) => {
+                let v = Arc::new(v);
+                *view = Some(v.clone());
+                Some(v)
+            }
+            Err(e) => {
+                tracing::info!(image = %path.display(), "reads from the page cache go through io_uring: cannot map the image: {e}");
+                None
+            }
+        }
     }
 
     pub fn capacity(&self) -> u64 {
@@ -171,7 +203,11 @@ impl Image {
     /// Drops the image's clean pages from this host's page cache, so that
     /// what another host wrote while it ran the disk is read afresh.
     pub fn drop_cache(&self) {
-        if let Image::File { file, .. } = self {
+        if let Image::File { file, view, .. } = self {
+            // Pages mapped into this process would stay.
+            if let Some(v) = view {
+                v.forget();
+            }
             // SAFETY: posix_fadvise on a valid descriptor with integer arguments.
             let rc =
                 unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };

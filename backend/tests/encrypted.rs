@@ -144,6 +144,86 @@ fn written_through_vmcrypt_reads_back_in_qemu_io(extra: &[&str]) {
     assert!(f.buf(0, 131072).iter().all(|&b| b == 0xcd));
 }
 
+/// Large reads whose ciphertext is in the host's page cache are decrypted
+/// straight from a mapping of the image, skipping io_uring: the same
+/// plaintext, into scattered guest buffers at odd addresses too. Small
+/// reads, and large ones whose pages are not cached, still go through
+/// io_uring. The daemon's report at exit counts the former.
+#[test]
+fn large_cached_reads_are_decrypted_straight_from_the_page_cache() {
+    const K: usize = 1024;
+    let s = Setup::new("32M");
+    let d = s.serve("a", &[]);
+    let mut f = Frontend::connect(&d.socket, 1, 4 * MIB as usize);
+    let data = pattern(7, 512 * K);
+    f.buf(0, 512 * K).copy_from_slice(&data);
+    assert_eq!(f.write(0, 3 * MIB, 0, 512 * K), 0);
+    // 1: 256 KiB at once.
+    assert_eq!(f.read(0, 3 * MIB, MIB as usize, 256 * K), 0);
+    assert_eq!(f.buf(MIB as usize, 256 * K), &data[..256 * K]);
+    // 2: 128 KiB into three buffers at odd addresses that split sectors.
+    let base = 2 * MIB as usize;
+    let segs = [(1, 1000), (2001, 70000), (80001, 128 * K - 71000)];
+    let iovs: Vec<libc::iovec> = segs
+        .iter()
+        .map(|&(off, len)| libc::iovec {
+            iov_base: f.ptr(base + off).cast(),
+            iov_len: len,
+        })
+        .collect();
+    f.queues[0].readv(
+        3 * MIB + 256 * K as u64,
+        iovs.as_ptr(),
+        3,
+        0,
+        ReqFlags::empty(),
+    );
+    assert_eq!(f.wait(0), 0);
+    let mut got = Vec::new();
+    for &(off, len) in &segs {
+        got.extend_from_slice(f.buf(base + off, len));
+    }
+    assert_eq!(got, &data[256 * K..384 * K]);
+    // Too small to be worth the mapping: through io_uring.
+    assert_eq!(f.read(0, 3 * MIB + 4096, 3 * MIB as usize, 4096), 0);
+    assert_eq!(f.buf(3 * MIB as usize, 4096), &data[4096..8192]);
+    // Not in the page cache: through io_uring.
+    let other = pattern(8, 128 * K);
+    f.buf(0, 128 * K).copy_from_slice(&other);
+    assert_eq!(f.write(0, 8 * MIB, 0, 128 * K), 0);
+    assert_eq!(f.flush(0), 0);
+    let img = std::fs::File::open(&s.img).unwrap();
+    let payload = 2 * MIB; // vmcrypt create's LUKS payload offset
+                           // SAFETY: fadvise on a valid descriptor; the pages are clean (flushed).
+    let rc = unsafe {
+        libc::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&img),
+            (payload + 8 * MIB) as i64,
+            128 * K as i64,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    assert_eq!(rc, 0);
+    if let Some(st) = cachestat(&img, payload + 8 * MIB) {
+        assert_eq!(st.cache, 0, "the written range left the page cache");
+    }
+    f.buf(MIB as usize, 128 * K).fill(0);
+    assert_eq!(f.read(0, 8 * MIB, MIB as usize, 128 * K), 0);
+    assert_eq!(f.buf(MIB as usize, 128 * K), &other[..]);
+    drop(f);
+    let log_path = d.log.clone();
+    assert!(d.terminate().success());
+    let log = std::fs::read_to_string(log_path).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("reads decrypted straight from the page cache"))
+        .unwrap_or_else(|| panic!("no report in:\n{log}"));
+    assert!(
+        line.contains("reads=2 ") && line.contains(&format!("bytes={}", 384 * K)),
+        "{line}"
+    );
+}
+
 #[test]
 fn cryptsetup_opens_our_images_with_the_exported_passphrase() {
     let s = Setup::new("16M");

@@ -5,7 +5,10 @@
 //! from storage into a bounce buffer and are decrypted from there into the
 //! guest's buffers, also in one pass: ciphertext never reaches guest memory
 //! (a guest racing the completion could otherwise have chosen ciphertext
-//! decrypted at a chosen sector), as with QEMU's LUKS driver.
+//! decrypted at a chosen sector), as with QEMU's LUKS driver. A large read
+//! whose ciphertext is all in the host's page cache skips storage and the
+//! bounce buffer: it is decrypted straight from a mapping of the image
+//! ([`crate::pagecache`]) and completed here, saving the kernel's copy.
 //! The tweak is the sector number counted from the start of the payload
 //! (LUKS1 `plain64`). Each queue has its own engine, so the AES key
 //! schedules are expanded once per queue.
@@ -17,6 +20,7 @@
 //! Bounce buffers are bounded per queue ([`BouncePool`]): a guest cannot make
 //! the host allocate without limit.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,16 +28,43 @@ use vmcrypt_crypto::{MasterKey, Xts, XtsError, SECTOR};
 
 use super::bounce::BouncePool;
 use super::{Filter, QueueFilter, Verdict};
+use crate::pagecache::PageCacheView;
 use crate::request::{Bounce, Iov, Op, Request, Status};
+
+/// Smallest read taken straight from the page cache. Below this, the
+/// kernel copy that the mapping saves costs less than the `mincore` call
+/// and the cold page-table walks that it adds (4 KiB random reads went from
+/// 588k to 373k IOPS through the mapping).
+const CACHED_READ_MIN: u64 = 64 << 10;
 
 pub struct Encrypt {
     key: Arc<MasterKey>,
+    view: Option<Arc<PageCacheView>>,
+    /// Reads (and their bytes) decrypted straight from the page cache.
+    cached: Arc<CachedReads>,
+}
+
+#[derive(Default)]
+struct CachedReads {
+    reads: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl Encrypt {
     pub fn new(key: MasterKey) -> Result<Self, XtsError> {
         Xts::new(&key)?; // refuse a bad key now, not per queue
-        Ok(Encrypt { key: Arc::new(key) })
+        Ok(Encrypt {
+            key: Arc::new(key),
+            view: None,
+            cached: Arc::default(),
+        })
+    }
+
+    /// Reads whose ciphertext is all in the host's page cache are decrypted
+    /// straight from `view` into the guest's buffers, and completed here.
+    pub fn reading_cached_from(mut self, view: Option<Arc<PageCacheView>>) -> Self {
+        self.view = view;
+        self
     }
 }
 
@@ -46,13 +77,61 @@ impl Filter for Encrypt {
         Box::new(EncryptQueue {
             xts: Xts::new(&self.key).expect("key checked in Encrypt::new"),
             bounces: BouncePool::new(64),
+            view: self.view.clone(),
+            cached: self.cached.clone(),
         })
+    }
+
+    fn report(&self) {
+        if self.view.is_some() {
+            tracing::info!(
+                reads = self.cached.reads.load(Ordering::Relaxed),
+                bytes = self.cached.bytes.load(Ordering::Relaxed),
+                "encrypt: reads decrypted straight from the page cache"
+            );
+        }
     }
 }
 
 struct EncryptQueue {
     xts: Xts,
     bounces: BouncePool,
+    view: Option<Arc<PageCacheView>>,
+    cached: Arc<CachedReads>,
+}
+
+impl EncryptQueue {
+    /// A read decrypted straight from the page cache: its status, or None
+    /// if its pages are not all cached (it then goes to storage).
+    fn read_cached(&mut self, req: &mut Request) -> Option<Status> {
+        if req.len < CACHED_READ_MIN {
+            return None;
+        }
+        let view = self.view.as_ref()?;
+        let first = req.offset / SECTOR as u64;
+        let len = usize::try_from(req.len).ok()?;
+        let xts = &mut self.xts;
+        let iovs = &req.iovs;
+        // SAFETY: the view hands the reader `len` readable bytes of the
+        // mapping; the iovs are the request's device-writable guest buffers.
+        let done = view
+            .read(req.offset, len, |src| unsafe {
+                decrypt_ptr_into_iovs(xts, first, src, len, iovs)
+            })
+            .ok()?;
+        Some(match done {
+            Ok(()) => {
+                req.written = len as u32;
+                self.cached.reads.fetch_add(1, Ordering::Relaxed);
+                self.cached.bytes.fetch_add(req.len, Ordering::Relaxed);
+                Status::Ok
+            }
+            Err(e) => {
+                tracing::error!("decrypting a read: {e}");
+                Status::IoErr
+            }
+        })
+    }
 }
 
 impl QueueFilter for EncryptQueue {
@@ -60,6 +139,11 @@ impl QueueFilter for EncryptQueue {
         let first = req.offset / SECTOR as u64;
         if !matches!(req.op, Op::Read | Op::Write | Op::WriteZeroes { .. }) {
             return Verdict::Pass;
+        }
+        if req.op == Op::Read {
+            if let Some(status) = self.read_cached(req) {
+                return Verdict::Complete(status);
+            }
         }
         let mut b = match self.bounces.take(req.len as usize, now, may_delay) {
             Ok(b) => b,
@@ -200,12 +284,29 @@ fn encrypt_from_iovs(
 /// buffers `iovs`, handing the engine whole runs of sectors that lie in one
 /// guest buffer; a sector split across buffers goes through a local copy.
 fn decrypt_into_iovs(xts: &mut Xts, first: u64, src: &[u8], iovs: &[Iov]) -> Result<(), XtsError> {
+    // SAFETY: src is readable for its length.
+    unsafe { decrypt_ptr_into_iovs(xts, first, src.as_ptr(), src.len(), iovs) }
+}
+
+/// [`decrypt_into_iovs`] from `len` bytes at `src`, which may be a shared
+/// mapping another process writes (hence no slice).
+///
+/// # Safety
+/// `src` must be readable for `len` bytes and not overlap the iovs.
+unsafe fn decrypt_ptr_into_iovs(
+    xts: &mut Xts,
+    first: u64,
+    src: *const u8,
+    len: usize,
+    iovs: &[Iov],
+) -> Result<(), XtsError> {
     let mut c = Cursor { iovs, i: 0, off: 0 };
     let mut tmp = [0u8; SECTOR];
-    let total = src.len() / SECTOR;
+    let total = len / SECTOR;
     let mut done = 0;
     while done < total {
-        let from = src[done * SECTOR..].as_ptr();
+        // SAFETY: done < total, so this stays inside the caller's range.
+        let from = unsafe { src.add(done * SECTOR) };
         let sector = first + done as u64;
         match c.contiguous(total - done) {
             Some((dst, n)) => {

@@ -1,0 +1,384 @@
+//! Encrypted reads straight from the host's page cache.
+//!
+//! An encrypted read through io_uring costs two passes over the data: the
+//! kernel copies the cached ciphertext into a bounce buffer, then the
+//! `encrypt` filter decrypts it into the guest's buffers. With the image
+//! also mapped read-only into the daemon, a read whose pages are all in the
+//! page cache is decrypted from the mapping into the guest's buffers in one
+//! pass, with no system call but `mincore`. Reads whose pages are not all
+//! cached still go to io_uring, so a queue never waits for the disk in a
+//! page fault.
+//!
+//! What can go wrong with a mapping, and what is done about it:
+//! - **A page is dropped after `mincore` saw it and the disk then fails, or
+//!   the file is truncated behind the daemon's back** (the image lock is
+//!   advisory): touching the page raises SIGBUS. The handler here recognises
+//!   a fault inside a read this module guards, maps a zero page over the
+//!   faulting page so the copy can finish, and flags the read. The read then
+//!   goes to io_uring as if the pages had not been cached (which reports the
+//!   real error, if any), and the view is not used again. A SIGBUS anywhere
+//!   else keeps its default action.
+//! - **Stale pages after another host wrote the image**: the hand-over drops
+//!   the image's page cache at device start; [`PageCacheView::forget`] first
+//!   unmaps the view's pages so that they can be dropped.
+//! - **Core dumps** leave the mapping out (`MADV_DONTDUMP`).
+//! - **Growing the disk**: the view covers the image as it was opened; reads
+//!   past that go to io_uring.
+//!
+//! Not used with `--cache none` (that keeps the page cache out entirely),
+//! nor for RBD images. `mincore` reports page-cache residency only to a
+//! process that may write the file (Linux 5.0+); for an image this daemon
+//! may only read, pages it has not mapped yet look absent, and such reads
+//! simply take the io_uring path.
+
+use std::cell::Cell;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
+
+/// Largest read checked with one `mincore` call (its vector lives on the stack).
+const CHECK_PAGES: usize = 256;
+
+/// A read-only shared mapping of an image file's data area.
+#[derive(Debug)]
+pub struct PageCacheView {
+    base: NonNull<u8>,
+    /// Bytes mapped, from the start of the file.
+    mapped: usize,
+    /// Where the disk starts in the file.
+    data_offset: u64,
+    page: usize,
+    /// A read through the view faulted: it is not used again.
+    damaged: AtomicBool,
+}
+
+// SAFETY: the mapping is read-only and process-wide; the view hands out
+// only raw reads of it, guarded against faults, from any thread.
+unsafe impl Send for PageCacheView {}
+// SAFETY: as above; `damaged` is atomic.
+unsafe impl Sync for PageCacheView {}
+
+/// A read that [`PageCacheView::read`] could not complete from the mapping.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Missed {
+    /// A page was not in the page cache (or the range is outside the view).
+    NotCached,
+    /// Touching the mapping faulted (SIGBUS): the view is no longer used.
+    Faulted,
+}
+
+impl PageCacheView {
+    /// Maps the first `file_len` bytes of `file`, whose disk starts
+    /// `data_offset` bytes in.
+    pub fn map(file: &File, file_len: u64, data_offset: u64) -> io::Result<Self> {
+        install_sigbus_handler()?;
+        let mapped = usize::try_from(file_len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "image too large to map"))?;
+        if mapped == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty image"));
+        }
+        // SAFETY: a new read-only shared mapping of a valid descriptor; the
+        // kernel picks the address, so nothing existing is replaced.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: advice on the mapping just made; DONTDUMP keeps the image
+        // out of core dumps, RANDOM stops readahead on faults (reads are
+        // only taken from here when their pages are already cached).
+        unsafe {
+            libc::madvise(p, mapped, libc::MADV_DONTDUMP);
+            libc::madvise(p, mapped, libc::MADV_RANDOM);
+        }
+        Ok(PageCacheView {
+            base: NonNull::new(p.cast()).expect("mmap does not return null on success"),
+            mapped,
+            data_offset,
+            page: page_size(),
+            damaged: AtomicBool::new(false),
+        })
+    }
+
+    /// Runs `f` over the disk bytes `[offset, offset + len)`, straight from
+    /// the page cache, if every page of them is cached now. `f` gets the
+    /// address of the first byte; it must only read `len` bytes from it.
+    pub fn read<T>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(*const u8) -> T,
+    ) -> Result<T, Missed> {
+        let (start, end) = self.range(offset, len).ok_or(Missed::NotCached)?;
+        if self.damaged.load(Ordering::Relaxed) || !self.cached(start, end) {
+            return Err(Missed::NotCached);
+        }
+        // SAFETY: [start, end) lies inside the mapping (checked by `range`).
+        let p = unsafe { self.base.as_ptr().add(start) };
+        match guarded(p as usize, end - start, || f(p)) {
+            Some(v) => Ok(v),
+            None => {
+                if !self.damaged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        offset,
+                        len,
+                        "reading the image from the page cache faulted (image truncated, or a \
+                         disk error?): reads go through io_uring from now on"
+                    );
+                }
+                Err(Missed::Faulted)
+            }
+        }
+    }
+
+    /// Unmaps every page of the view from this process (they stay in the
+    /// page cache), so that dropping the image's cache can drop them too.
+    /// Only while no queue reads through the view.
+    pub fn forget(&self) {
+        // SAFETY: the range is exactly this view's mapping; MADV_DONTNEED on
+        // a shared file mapping only drops page-table entries.
+        let rc =
+            unsafe { libc::madvise(self.base.as_ptr().cast(), self.mapped, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            tracing::debug!(
+                "unmapping the page-cache view: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// The byte range of the mapping holding disk bytes `[offset, offset + len)`.
+    fn range(&self, offset: u64, len: usize) -> Option<(usize, usize)> {
+        let start = usize::try_from(self.data_offset.checked_add(offset)?).ok()?;
+        let end = start.checked_add(len)?;
+        (len > 0 && end <= self.mapped).then_some((start, end))
+    }
+
+    /// Whether every page of mapping bytes `[start, end)` is in the page cache.
+    fn cached(&self, start: usize, end: usize) -> bool {
+        let mut vec = [0u8; CHECK_PAGES];
+        let mut at = start & !(self.page - 1);
+        while at < end {
+            let pages = (end - at).div_ceil(self.page).min(CHECK_PAGES);
+            // SAFETY: `at` is page-aligned inside the mapping and `pages`
+            // pages from it stay inside it (the mapping's length rounds up
+            // to whole pages); the vector has room for `pages` entries.
+            let rc = unsafe {
+                libc::mincore(
+                    self.base.as_ptr().add(at).cast(),
+                    pages * self.page,
+                    vec.as_mut_ptr(),
+                )
+            };
+            if rc != 0 || vec[..pages].iter().any(|&b| b & 1 == 0) {
+                return false;
+            }
+            at += pages * self.page;
+        }
+        true
+    }
+}
+
+impl Drop for PageCacheView {
+    fn drop(&mut self) {
+        // SAFETY: this view's own mapping, which nothing uses any more.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.mapped) };
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf with a valid name has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).unwrap_or(4096)
+}
+
+thread_local! {
+    /// The mapping range this thread is reading under guard (start, len),
+    /// and whether a fault hit it. Const-initialised plain cells: safe to
+    /// touch from the signal handler.
+    static GUARD: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+    static FAULTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, which reads mapping bytes `[start, start + len)`; None if a
+/// SIGBUS hit that range meanwhile (the faulting pages then read as zeroes).
+fn guarded<T>(start: usize, len: usize, f: impl FnOnce() -> T) -> Option<T> {
+    FAULTED.with(|c| c.set(false));
+    GUARD.with(|g| g.set((start, len)));
+    let v = f();
+    GUARD.with(|g| g.set((0, 0)));
+    (!FAULTED.with(|c| c.replace(false))).then_some(v)
+}
+
+static SIGBUS: Once = Once::new();
+
+fn install_sigbus_handler() -> io::Result<()> {
+    let mut result = Ok(());
+    SIGBUS.call_once(|| {
+        // SAFETY: a zeroed sigaction with a valid handler and an empty mask;
+        // the handler only touches const-initialised thread-locals and makes
+        // async-signal-safe system calls.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigbus as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) != 0 {
+                result = Err(io::Error::last_os_error());
+            }
+        }
+    });
+    result
+}
+
+extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let (start, len) = GUARD.with(|g| g.get());
+    if len > 0 && addr >= start && addr < start + len {
+        let page = page_size();
+        let at = addr & !(page - 1);
+        // SAFETY: replaces one page of this thread's guarded range, inside
+        // the view's read-only mapping, with a private zero page, so that
+        // the faulting read can go on; the view is not used again.
+        let p = unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                page,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p != libc::MAP_FAILED {
+            FAULTED.with(|c| c.set(true));
+            return;
+        }
+    }
+    // Not a guarded read (or it could not be patched): the default action,
+    // taken when the faulting instruction runs again.
+    // SAFETY: resetting a signal's disposition is async-signal-safe.
+    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn image(bytes: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
+        let data: Vec<u8> = (0..bytes).map(|i| (i * 31 + 7) as u8).collect();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&data).unwrap();
+        f.as_file().sync_all().unwrap();
+        (f, data)
+    }
+
+    fn copy(view: &PageCacheView, offset: u64, len: usize) -> Result<Vec<u8>, Missed> {
+        view.read(offset, len, |p| {
+            let mut out = vec![0u8; len];
+            // SAFETY: the view hands out `len` readable bytes at p.
+            unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), len) };
+            out
+        })
+    }
+
+    #[test]
+    fn cached_reads_come_from_the_mapping_at_the_data_offset() {
+        let (f, data) = image(64 << 10);
+        let view = PageCacheView::map(f.as_file(), data.len() as u64, 8192).unwrap();
+        // Just written: in the page cache.
+        assert_eq!(
+            copy(&view, 512, 4096).unwrap(),
+            &data[8192 + 512..8192 + 4608]
+        );
+        assert_eq!(copy(&view, 0, 56 << 10).unwrap(), &data[8192..]);
+        // Past the end, or empty: not from here.
+        assert_eq!(copy(&view, 56 << 10, 512), Err(Missed::NotCached));
+        assert_eq!(copy(&view, 1 << 20, 512), Err(Missed::NotCached));
+        assert_eq!(copy(&view, u64::MAX - 10, 512), Err(Missed::NotCached));
+        // forget() keeps the data reachable.
+        view.forget();
+        assert_eq!(copy(&view, 0, 4096).unwrap(), &data[8192..8192 + 4096]);
+    }
+
+    #[test]
+    fn pages_not_in_the_page_cache_are_not_read_from_the_mapping() {
+        let (f, data) = image(1 << 20);
+        let view = PageCacheView::map(f.as_file(), data.len() as u64, 0).unwrap();
+        // SAFETY: fadvise on a valid descriptor; the file is clean (synced).
+        let rc = unsafe {
+            libc::posix_fadvise(f.as_file().as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+        };
+        assert_eq!(rc, 0);
+        let mut called = false;
+        let r = view.read(0, 1 << 20, |_| called = true);
+        // tmpfs cannot drop pages; there the read is (rightly) served.
+        if r == Err(Missed::NotCached) {
+            assert!(!called, "a miss never runs the reader");
+        }
+    }
+
+    /// The hand-over drops the image's page cache at device start: pages the
+    /// view has mapped must go too, or a read would see what this host
+    /// cached before another host wrote.
+    #[test]
+    fn forget_lets_the_page_cache_drop_mapped_pages() {
+        let (f, data) = image(256 << 10);
+        let view = PageCacheView::map(f.as_file(), data.len() as u64, 0).unwrap();
+        assert_eq!(copy(&view, 0, 256 << 10).unwrap(), data); // now mapped
+        let drop_cache = || {
+            // SAFETY: fadvise on a valid descriptor; the file is clean.
+            unsafe { libc::posix_fadvise(f.as_file().as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }
+        };
+        assert_eq!(drop_cache(), 0);
+        let mapped_pages_stay = copy(&view, 0, 4096).is_ok();
+        view.forget();
+        assert_eq!(drop_cache(), 0);
+        if copy(&view, 0, 4096).is_ok() {
+            // tmpfs keeps every page: nothing to show there.
+            return;
+        }
+        assert!(
+            mapped_pages_stay,
+            "pages this process maps survive a drop..."
+        );
+        assert_eq!(
+            copy(&view, 0, 256 << 10),
+            Err(Missed::NotCached),
+            "...until forgotten"
+        );
+    }
+
+    /// The image shrinks behind the daemon's back while a read is under way:
+    /// the read is flagged, the daemon lives, the view is retired.
+    #[test]
+    fn a_fault_in_a_guarded_read_is_reported_not_fatal() {
+        let (f, data) = image(64 << 10);
+        let view = PageCacheView::map(f.as_file(), data.len() as u64, 0).unwrap();
+        let r = view.read(0, 64 << 10, |p| {
+            f.as_file().set_len(0).unwrap();
+            let mut sum = 0u64;
+            for i in (0..64 << 10).step_by(4096) {
+                // SAFETY: inside the guarded range; volatile so the reads
+                // happen after the truncation.
+                sum += u64::from(unsafe { std::ptr::read_volatile(p.add(i)) });
+            }
+            sum
+        });
+        assert_eq!(r, Err(Missed::Faulted));
+        assert_eq!(copy(&view, 0, 4096), Err(Missed::NotCached), "retired");
+    }
+}
