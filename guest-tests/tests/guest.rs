@@ -105,7 +105,16 @@ fn encrypted_disk_boots_and_fio_verify_passes() {
         run.tail()
     );
     expect_fio_verify(&run, &d);
+    let log = d.log.clone();
     assert!(d.stop().success());
+    // fio's verify reads (up to 128 KiB) of what it just wrote came
+    // decrypted straight from the page cache.
+    let log = std::fs::read_to_string(log).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("reads decrypted straight from the page cache"))
+        .unwrap_or_else(|| panic!("no report in:\n{log}"));
+    assert!(!line.contains("reads=0 "), "{line}");
 }
 
 /// `--cache none` (O_DIRECT, QEMU's cache=none) on an encrypted disk.
