@@ -130,6 +130,15 @@ impl BlockDevice {
         Ok(Paused { workers })
     }
 
+    /// Interrupts the guest on every running queue; how many were.
+    pub fn signal_guest(&self) -> io::Result<usize> {
+        let mut n = 0;
+        for q in 0..self.0.workers.len() {
+            n += usize::from(self.worker(q).signal_guest()?);
+        }
+        Ok(n)
+    }
+
     /// Tells the frontend that the config space changed (the capacity), so
     /// that it reads it again and tells the guest. False when the frontend
     /// has no backend request channel (it learns on its next connection).

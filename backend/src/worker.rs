@@ -286,6 +286,21 @@ impl QueueWorker {
         }
     }
 
+    /// Interrupts the guest for this queue if its ring runs: the driver
+    /// then looks at the used ring (a spurious interrupt costs it only that
+    /// look). True if signalled.
+    pub fn signal_guest(&mut self) -> io::Result<bool> {
+        let Some(vring) = &self.vring else {
+            return Ok(false);
+        };
+        let state = vring.get_mut();
+        if self.stopped || !state.get_queue().ready() || !state.is_enabled() {
+            return Ok(false);
+        }
+        state.signal_used_queue()?;
+        Ok(true)
+    }
+
     /// The guest kicked the queue: take every available request.
     pub fn on_kick(&mut self, vring: &Vring) -> io::Result<()> {
         let r = self.service(vring);

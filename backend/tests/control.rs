@@ -248,6 +248,24 @@ fn status_tells_what_is_served_and_never_a_key() {
     assert!(v["total"]["read_ops"].as_u64().is_some());
 }
 
+/// `notify-guest` interrupts the guest on every running queue (what the
+/// daemon does when a ring starts), and the disk serves on.
+#[test]
+fn notify_guest_signals_every_running_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, control) = serve(dir.path(), &["--num-queues", "2"]);
+    let mut rpc = Rpc::connect(&control);
+    assert_eq!(rpc.result("notify-guest", json!({}))["queues"], 0);
+    let mut f = Frontend::connect(&d.socket, 2, MIB as usize);
+    for q in 0..2 {
+        assert_eq!(f.read(q, 0, 0, 4096), 0);
+    }
+    assert_eq!(rpc.result("notify-guest", json!({}))["queues"], 2);
+    assert_eq!(f.write(1, 4096, 0, 4096), 0);
+    assert_eq!(f.read(0, 4096, 8192, 4096), 0);
+    d.wait_for_log("control: guest notified");
+}
+
 #[test]
 fn bad_requests_get_errors_and_the_disk_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();

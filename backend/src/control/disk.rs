@@ -40,6 +40,21 @@ pub struct Served {
 
 /// `resize {size}`: grows the disk to `size` bytes (a number, or a string
 /// such as "8G"); the guest is told through the frontend.
+/// `notify-guest`: interrupts the guest on every running queue, as the
+/// daemon does when a ring starts. For a guest suspected of having missed
+/// a completion's interrupt: its driver looks at the used rings again.
+pub fn notify_guest(s: &Served) -> Result<Value, RpcError> {
+    let current = lock(&s.device);
+    let n = match current.as_ref() {
+        Some(d) => d
+            .signal_guest()
+            .map_err(|e| RpcError::server(format!("signalling the guest: {e}")))?,
+        None => 0,
+    };
+    tracing::info!(queues = n, "control: guest notified");
+    Ok(json!({ "queues": n }))
+}
+
 pub fn resize(s: &Served, params: &Value) -> Result<Value, RpcError> {
     let size = size_param(params)?;
     if s.read_only {

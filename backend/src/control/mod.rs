@@ -179,6 +179,7 @@ fn call(control: &Control, method: &str, params: &Value) -> Result<Value, RpcErr
         "set-throttle" => set_throttle(control, params),
         "resize" => disk::resize(&control.served, params),
         "snapshot" => disk::snapshot(&control.served, params),
+        "notify-guest" => disk::notify_guest(&control.served),
         other => Err(RpcError::method_not_found(other)),
     }
 }
