@@ -35,11 +35,15 @@ pub enum Accel {
 }
 
 impl Accel {
-    fn args(self) -> &'static [&'static str] {
-        match self {
-            Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
-            Accel::Tcg => &["-accel", "tcg,thread=multi", "-cpu", "max"],
-        }
+    fn args(self, tcg_single_thread: bool, cpu: Option<&str>) -> Vec<String> {
+        let (accel, default_cpu) = match self {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg if tcg_single_thread => ("tcg,thread=single", "max"),
+            Accel::Tcg => ("tcg,thread=multi", "max"),
+        };
+        ["-accel", accel, "-cpu", cpu.unwrap_or(default_cpu)]
+            .map(String::from)
+            .to_vec()
     }
 
     /// KVM if a short probe boot shows it works, else TCG. The answer is
@@ -64,6 +68,9 @@ impl Accel {
                 accel: Accel::Kvm,
                 timeout: Duration::from_secs(20),
                 extra: vec![],
+                tcg_single_thread: false,
+                cpu: None,
+                shared_memory: true,
             };
             vm.run("true", work.path()).is_ok_and(|r| r.rc == Some(0))
         };
@@ -84,6 +91,14 @@ pub struct Vm {
     pub timeout: Duration,
     /// More QEMU arguments.
     pub extra: Vec<String>,
+    /// Under TCG, one host thread for all vCPUs (`thread=single`) instead
+    /// of one per vCPU.
+    pub tcg_single_thread: bool,
+    /// The `-cpu` model, if not the accelerator's default (`max`, `host`).
+    pub cpu: Option<String>,
+    /// Guest RAM in a shared memfd, as vhost-user devices need (the default);
+    /// without, QEMU's own anonymous memory.
+    pub shared_memory: bool,
 }
 
 /// A booted guest.
@@ -98,6 +113,11 @@ pub struct RunningVm {
 impl RunningVm {
     pub fn console(&self) -> String {
         std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Gives the guest `more` time beyond its timeout.
+    pub fn extend_timeout(&mut self, more: Duration) {
+        self.timeout = self.start.elapsed() + more;
     }
 
     /// Waits until the console shows `marker`.
@@ -284,6 +304,9 @@ impl Vm {
             accel,
             timeout: Duration::from_secs(240),
             extra: vec![],
+            tcg_single_thread: false,
+            cpu: None,
+            shared_memory: true,
         }
     }
 
@@ -299,18 +322,20 @@ impl Vm {
             "none",
             "-no-reboot",
         ]);
-        c.args(self.accel.args());
+        c.args(self.accel.args(self.tcg_single_thread, self.cpu.as_deref()));
         c.args([
             "-smp",
             &self.cpus.to_string(),
             "-m",
             &format!("{}M", self.mem_mb),
         ]);
-        c.args([
-            "-object",
-            &format!("memory-backend-memfd,id=mem,size={}M,share=on", self.mem_mb),
-        ]);
-        c.args(["-numa", "node,memdev=mem"]);
+        if self.shared_memory {
+            c.args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={}M,share=on", self.mem_mb),
+            ]);
+            c.args(["-numa", "node,memdev=mem"]);
+        }
         c.arg("-kernel").arg(&self.image.kernel);
         c.arg("-initrd").arg(initrd);
         c.args(["-append", "console=ttyS0 quiet panic=-1 loglevel=3"]);

@@ -152,9 +152,75 @@ fn migrate_while(script: &str) -> Migrated {
     migrate_while_on(script, false)
 }
 
+/// How often a migration is tried when the guest breaks in the way QEMU's
+/// own virtio-blk shows without vmcrypt (see `migration_control_...`).
+const ATTEMPTS: usize = 4;
+
+/// A migration attempt whose guest did not reach the end of its script.
+struct Broken {
+    /// The guest broke as it does without vmcrypt: a kernel oops or BUG
+    /// on the destination, or no output there at all, while both daemons'
+    /// rings agree (the source completed every request it took, the
+    /// destination started at that index).
+    like_without_vmcrypt: bool,
+    why: &'static str,
+    report: String,
+}
+
 /// As [`migrate_while`]; with `rbd`, the encrypted image is on Ceph RBD (a
 /// single-node cluster from ci/ceph.sh), both daemons on the same image.
+///
+/// Under TCG, QEMU 7.2 breaks about one guest in five across a migration
+/// on this machine, with its own virtio-blk and no vmcrypt too (the control
+/// test below). Such an attempt is tried again, up to [`ATTEMPTS`] times;
+/// any other failure (data that differs, I/O errors, rings that disagree,
+/// a guest that stops after printing on the destination) fails at once.
 fn migrate_while_on(script: &str, rbd: bool) -> Migrated {
+    let mut attempt = 1;
+    loop {
+        match try_migrate(script, rbd) {
+            Ok(m) => return m,
+            Err(b) if b.like_without_vmcrypt && attempt < ATTEMPTS => {
+                eprintln!(
+                    "attempt {attempt}: {} (as QEMU does without vmcrypt); trying again",
+                    b.why
+                );
+                attempt += 1;
+            }
+            Err(b) => panic!("attempt {attempt} of {ATTEMPTS}: {}\n{}", b.why, b.report),
+        }
+    }
+}
+
+/// Whether every queue the destination daemon started begins where the
+/// source daemon stopped it, with nothing the source took left incomplete.
+fn rings_agree(source_log: &str, destination_log: &str) -> bool {
+    fn field(line: &str, key: &str) -> Option<u64> {
+        let at = line.find(&format!(" {key}="))? + key.len() + 2;
+        line[at..].split(' ').next()?.trim().parse().ok()
+    }
+    let last = |log: &str, what: &str| {
+        let mut m = std::collections::BTreeMap::new();
+        for l in log.lines().filter(|l| l.contains(what)) {
+            if let (Some(q), Some(a), Some(u)) = (
+                field(l, "queue"),
+                field(l, "next_avail"),
+                field(l, "next_used"),
+            ) {
+                m.insert(q, (a, u));
+            }
+        }
+        m
+    };
+    let stopped = last(source_log, "ring stopped; every request taken is complete");
+    let started = last(destination_log, "ring started");
+    !started.is_empty()
+        && started
+            .iter()
+            .all(|(q, &(a, u))| a == u && stopped.get(q) == Some(&(a, u)))
+}
+
+fn try_migrate(script: &str, rbd: bool) -> Result<Migrated, Broken> {
     let (image, accel, _lock) = setup();
     let work = tempfile::tempdir().unwrap();
     let ceph = rbd.then(|| guest_tests::ceph::Ceph::start().unwrap());
@@ -188,10 +254,15 @@ fn migrate_while_on(script: &str, rbd: bool) -> Migrated {
         }
     };
     let src_d = Vmcrypt::start(work.path(), "source", &args).unwrap();
-    let dst_d = Vmcrypt::start(work.path(), "destination", &args).unwrap();
+    let dst_control = work.path().join("destination.control");
+    let mut dst_args = args.clone();
+    dst_args.extend(["--control", dst_control.to_str().unwrap()]);
+    let dst_d = Vmcrypt::start(work.path(), "destination", &dst_args).unwrap();
 
     let initrd = image.with_script(script, work.path()).unwrap();
     let mut src_vm = Vm::new(&image, accel);
+    // A run takes well under a minute; a broken guest need not be waited for long.
+    src_vm.timeout = Duration::from_secs(90);
     src_vm.disks.push(Disk::new(&src_d.socket));
     let mut dst_vm = src_vm.clone();
     dst_vm.disks[0] = Disk::new(&dst_d.socket);
@@ -257,7 +328,38 @@ fn migrate_while_on(script: &str, rbd: bool) -> Migrated {
         let queues = Qmp::connect(&dst_qmp)
             .map(|mut q| virtio_state(&mut q))
             .unwrap_or_else(|e| e);
-        panic!("{e}\n{logs}\ndestination virtqueues:\n{queues}")
+        // A guest waiting for an interrupt it missed would go on after one.
+        let nudge = std::process::Command::new(guest_tests::vmcrypt::binary())
+            .args([
+                "ctl",
+                "--control",
+                dst_control.to_str().unwrap(),
+                "notify-guest",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        dst.extend_timeout(Duration::from_secs(10));
+        let nudged = dst.wait_for("=== GUEST-EXIT").is_ok();
+        let console = dst.console();
+        let oops = ["BUG:", "Oops", "Kernel panic", "general protection fault"]
+            .iter()
+            .any(|m| console.contains(m));
+        let agree = rings_agree(&src_d.log_text(), &dst_d.log_text());
+        return Err(Broken {
+            like_without_vmcrypt: (oops || console.trim().is_empty()) && agree,
+            why: if oops {
+                "the guest's kernel broke after the switchover"
+            } else if console.trim().is_empty() {
+                "the guest printed nothing on the destination"
+            } else {
+                "the guest stopped on the destination"
+            },
+            report: format!(
+                "{e}\n{logs}\nrings agree: {agree}\nnotify-guest: {nudge}; the guest went on: \
+                 {nudged}\ndestination virtqueues:\n{queues}"
+            ),
+        });
     }
     let run = dst
         .finish_after(&before)
@@ -269,24 +371,17 @@ fn migrate_while_on(script: &str, rbd: bool) -> Migrated {
     assert!(dst_d.log_text().contains("image lock taken"), "{logs}");
     assert!(dst_d.stop().success());
     drop(ceph);
-    Migrated {
+    Ok(Migrated {
         run,
         after,
         migration: m,
         logs,
-    }
+    })
 }
 
-/// The guest writes two patterns, A and B, then migrates. While it
-/// migrates it reads B once through the page cache (vmcrypt writes those
-/// pages, the guest CPU never touches them again) and re-reads A with direct
-/// I/O in a loop. On the destination, B is read again from the page cache:
-/// it is intact only if vmcrypt logged the pages it wrote during the
-/// migration, so QEMU sent them again.
-#[test]
-#[ignore = "intermittent: about one run in four the guest stops after migrating (TCG, QEMU 7.2); see README, Restarts, crashes and live migration"]
-fn migration_keeps_data_read_back_across_it() {
-    let script = format!(
+/// The guest script of the read-back case (below).
+fn read_back_script() -> String {
+    format!(
         r#"
 dd if=/dev/urandom of=/tmp/a bs=1M count=16 2>/dev/null || exit 9
 dd if=/dev/urandom of=/tmp/b bs=1M count=16 2>/dev/null || exit 9
@@ -312,7 +407,19 @@ got=$(dd if=/dev/vda bs=1M skip=16 count=16 2>/dev/null | sha256sum)
 echo "=== PAGE CACHE INTACT"
 {DMESG_CHECK}
 "#
-    );
+    )
+}
+
+/// The guest writes two patterns, A and B, then migrates. While it
+/// migrates it reads B once through the page cache (vmcrypt writes those
+/// pages, the guest CPU never touches them again) and re-reads A with direct
+/// I/O in a loop. On the destination, B is read again from the page cache:
+/// it is intact only if vmcrypt logged the pages it wrote during the
+/// migration, so QEMU sent them again.
+#[test]
+#[ignore = "guests sometimes break or read stale data across a migration under TCG (QEMU 7.2); see README, Restarts, crashes and live migration"]
+fn migration_keeps_data_read_back_across_it() {
+    let script = read_back_script();
     let m = migrate_while(&script);
     expect_clean(&m.run, &m.logs);
     assert!(
@@ -336,7 +443,7 @@ echo "=== PAGE CACHE INTACT"
 /// fio keeps writing with verification while the guest migrates; its
 /// verify pass runs on the destination.
 #[test]
-#[ignore = "intermittent: about one run in four the guest stops after migrating (TCG, QEMU 7.2); see README, Restarts, crashes and live migration"]
+#[ignore = "guests sometimes break or read stale data across a migration under TCG (QEMU 7.2); see README, Restarts, crashes and live migration"]
 fn migration_while_the_guest_writes() {
     let script = format!(
         r#"
@@ -366,7 +473,7 @@ exit $rc
 /// RBD image: librbd's exclusive lock passes from the source's device to
 /// the destination's.
 #[test]
-#[ignore = "intermittent: about one run in four the guest stops after migrating (TCG, QEMU 7.2); see README, Restarts, crashes and live migration"]
+#[ignore = "guests sometimes break or read stale data across a migration under TCG (QEMU 7.2); see README, Restarts, crashes and live migration"]
 fn migration_on_rbd_while_the_guest_writes() {
     let script = format!(
         r#"
@@ -388,4 +495,102 @@ exit $rc
     expect_clean(&m.run, &m.logs);
     assert_eq!(fio_errors(&fio), 0);
     assert!(m.after.contains("=== END fio"), "{}", m.run.console);
+}
+
+/// The control experiment for the guests that break across a migration:
+/// the same two QEMUs and read-back script, with QEMU's own virtio-blk on a
+/// shared raw file instead of vmcrypt. Run it a number of times with
+/// `cargo test -p guest-tests --test lifecycle -- --ignored migration_control`;
+/// variants: `TCG_SINGLE=1` (one TCG thread), `TCG_CPU=qemu64` (another
+/// CPU model), `PRIVATE_RAM=1` (no shared memfd). The guest's kernel broke
+/// after the switchover in 2 of 10 runs as the tests run QEMU, 1 of 4 with
+/// one TCG thread, 1 of 10 with qemu64 (README, Restarts, crashes and live
+/// migration).
+#[test]
+#[ignore = "diagnostic: QEMU's own virtio-blk across the same migration"]
+fn migration_control_with_qemus_own_virtio_blk() {
+    let (image, accel, _lock) = setup();
+    let work = tempfile::tempdir().unwrap();
+    let img = work.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let initrd = image.with_script(&read_back_script(), work.path()).unwrap();
+    let mut src_vm = Vm::new(&image, accel);
+    // A run takes about 20 s; a stopped guest need not be waited for long.
+    src_vm.timeout = Duration::from_secs(90);
+    src_vm.shared_memory = std::env::var("PRIVATE_RAM").is_err();
+    src_vm.tcg_single_thread = std::env::var("TCG_SINGLE").is_ok();
+    src_vm.cpu = std::env::var("TCG_CPU").ok();
+    src_vm.extra = vec![
+        "-drive".into(),
+        format!(
+            "file={},if=none,id=d0,format=raw,cache=none,aio=threads",
+            img.display()
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=d0,num-queues=2".into(),
+    ];
+    let dst_vm = src_vm.clone();
+    let src_qmp = work.path().join("source.qmp");
+    let incoming = work.path().join("migrate.sock");
+    let mut src = src_vm
+        .spawn_with(
+            &initrd,
+            work.path(),
+            "source",
+            &[
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", src_qmp.display()),
+            ],
+        )
+        .unwrap();
+    let dst_qmp = work.path().join("destination.qmp");
+    let mut dst = dst_vm
+        .spawn_with(
+            &initrd,
+            work.path(),
+            "destination",
+            &[
+                "-incoming".into(),
+                format!("unix:{}", incoming.display()),
+                "-qmp".into(),
+                format!("unix:{},server=on,wait=off", dst_qmp.display()),
+            ],
+        )
+        .unwrap();
+    src.wait_for("=== MIGRATE-NOW").unwrap();
+    let mut q = Qmp::connect(&src_qmp).unwrap();
+    let m = qmp::migrate(
+        &mut q,
+        &format!("unix:{}", incoming.display()),
+        Duration::from_secs(120),
+    )
+    .unwrap_or_else(|e| panic!("{e}\nsource QEMU: {}", src.qemu_stderr()));
+    eprintln!(
+        "migration: total {} ms, downtime {} ms",
+        m.total_ms, m.downtime_ms
+    );
+    let before = src.console();
+    drop(q);
+    drop(src);
+    if let Err(e) = dst.wait_for("=== GUEST-EXIT") {
+        let queues = Qmp::connect(&dst_qmp)
+            .map(|mut q| virtio_state(&mut q))
+            .unwrap_or_else(|e| e);
+        panic!("{e}\ndestination virtqueues:\n{queues}")
+    }
+    let run = dst.finish_after(&before).unwrap();
+    expect_clean(&run, "");
+    assert!(
+        run.console.contains("=== VERIFIED 40 rounds"),
+        "{}",
+        run.tail()
+    );
+    assert!(
+        run.console.contains("=== PAGE CACHE INTACT"),
+        "{}",
+        run.tail()
+    );
 }
