@@ -37,7 +37,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Once;
+use std::sync::OnceLock;
 
 /// Largest read checked with one `mincore` call (its vector lives on the stack).
 const CHECK_PAGES: usize = 256;
@@ -50,7 +50,6 @@ pub struct PageCacheView {
     mapped: usize,
     /// Where the disk starts in the file.
     data_offset: u64,
-    page: usize,
     /// A read through the view faulted: it is not used again.
     damaged: AtomicBool,
 }
@@ -106,7 +105,6 @@ impl PageCacheView {
             base: NonNull::new(p.cast()).expect("mmap does not return null on success"),
             mapped,
             data_offset,
-            page: page_size(),
             damaged: AtomicBool::new(false),
         })
     }
@@ -167,24 +165,25 @@ impl PageCacheView {
 
     /// Whether every page of mapping bytes `[start, end)` is in the page cache.
     fn cached(&self, start: usize, end: usize) -> bool {
+        let page = page_size();
         let mut vec = [0u8; CHECK_PAGES];
-        let mut at = start & !(self.page - 1);
+        let mut at = start & !(page - 1);
         while at < end {
-            let pages = (end - at).div_ceil(self.page).min(CHECK_PAGES);
+            let pages = (end - at).div_ceil(page).min(CHECK_PAGES);
             // SAFETY: `at` is page-aligned inside the mapping and `pages`
             // pages from it stay inside it (the mapping's length rounds up
             // to whole pages); the vector has room for `pages` entries.
             let rc = unsafe {
                 libc::mincore(
                     self.base.as_ptr().add(at).cast(),
-                    pages * self.page,
+                    pages * page,
                     vec.as_mut_ptr(),
                 )
             };
             if rc != 0 || vec[..pages].iter().any(|&b| b & 1 == 0) {
                 return false;
             }
-            at += pages * self.page;
+            at += pages * page;
         }
         true
     }
@@ -197,10 +196,15 @@ impl Drop for PageCacheView {
     }
 }
 
+/// The page size, read once (before any guarded read, so the SIGBUS
+/// handler only ever loads it).
 fn page_size() -> usize {
-    // SAFETY: sysconf with a valid name has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(n).unwrap_or(4096)
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf with a valid name has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(n).unwrap_or(4096)
+    })
 }
 
 thread_local! {
@@ -221,25 +225,22 @@ fn guarded<T>(start: usize, len: usize, f: impl FnOnce() -> T) -> Option<T> {
     (!FAULTED.with(|c| c.replace(false))).then_some(v)
 }
 
-static SIGBUS: Once = Once::new();
+/// The SIGBUS handler's installation: done once, its failure (an errno)
+/// remembered so that no later view maps without it.
+static SIGBUS: OnceLock<Option<i32>> = OnceLock::new();
 
 fn install_sigbus_handler() -> io::Result<()> {
-    let mut result = Ok(());
-    SIGBUS.call_once(|| {
-        // SAFETY: a zeroed sigaction with a valid handler and an empty mask;
-        // the handler only touches const-initialised thread-locals and makes
-        // async-signal-safe system calls.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_sigbus as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO;
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) != 0 {
-                result = Err(io::Error::last_os_error());
-            }
-        }
+    // The handler only touches const-initialised thread-locals and makes
+    // async-signal-safe system calls.
+    let failed = SIGBUS.get_or_init(|| {
+        crate::sys::install_siginfo_handler(libc::SIGBUS, on_sigbus)
+            .err()
+            .map(|e| e.raw_os_error().unwrap_or(libc::EINVAL))
     });
-    result
+    match failed {
+        None => Ok(()),
+        Some(errno) => Err(io::Error::from_raw_os_error(*errno)),
+    }
 }
 
 extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {

@@ -432,18 +432,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 }
 
 fn install_sigsys_handler() -> std::io::Result<()> {
-    // SAFETY: a zeroed sigaction is valid; we set a handler with the
-    // SA_SIGINFO signature and an empty mask, and pass valid pointers.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_sigsys as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    crate::sys::install_siginfo_handler(libc::SIGSYS, on_sigsys)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Small wrappers over system facilities: vmm-sys-util's timerfd and
-//! eventfd as the workers use them, and shared mappings of frontend files.
+//! eventfd as the workers use them, shared mappings of frontend files, and
+//! signal handlers that take the fault's details.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -122,4 +123,24 @@ impl Drop for SharedMap {
         // that its owner is gone.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
+}
+
+/// A signal handler that gets the signal's `siginfo_t` (`SA_SIGINFO`).
+pub type SiginfoHandler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void);
+
+/// Installs `handler` for `signal`, process-wide, with an empty mask.
+/// The handler must do only what is async-signal-safe.
+pub fn install_siginfo_handler(signal: libc::c_int, handler: SiginfoHandler) -> io::Result<()> {
+    // SAFETY: a zeroed sigaction is valid; we set a handler with the
+    // SA_SIGINFO signature and an empty mask, and pass valid pointers.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(signal, &sa, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
