@@ -49,6 +49,31 @@ pub fn create_encrypted(dir: &Path, name: &str, size: &str) -> Result<PathBuf, S
     Ok(img)
 }
 
+/// `vmcrypt create` an encrypted RBD image `spec` (e.g. "rbd:rbd/disk")
+/// of `size` on the cluster of `ceph_conf`, its KEK in the local key store
+/// `dir/keys`.
+pub fn create_encrypted_rbd(
+    dir: &Path,
+    spec: &str,
+    size: &str,
+    ceph_conf: &Path,
+) -> Result<(), String> {
+    let out = Command::new(binary())
+        .args(["create", spec, "--size", size, "--keystore"])
+        .arg(dir.join("keys"))
+        .arg("--ceph-conf")
+        .arg(ceph_conf)
+        .output()
+        .map_err(|e| format!("vmcrypt create: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "vmcrypt create {spec}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
 /// What vmcrypt logs once it listens.
 const READY: &str = "waiting for a frontend";
 

@@ -612,17 +612,8 @@ fn encrypted_rbd_disk_passes_fio_verify() {
     let ceph = guest_tests::ceph::Ceph::start().unwrap();
     let work = tempfile::tempdir().unwrap();
     let conf = ceph.conf.to_str().unwrap();
-    let out = std::process::Command::new(guest_tests::vmcrypt::binary())
-        .args(["create", "rbd:rbd/guest", "--size", "256M", "--keystore"])
-        .arg(work.path().join("keys"))
-        .args(["--ceph-conf", conf])
-        .output()
+    guest_tests::vmcrypt::create_encrypted_rbd(work.path(), "rbd:rbd/guest", "256M", &ceph.conf)
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let d = Vmcrypt::start(
         work.path(),
         "vmcrypt",

@@ -4,10 +4,11 @@
 //!
 //! Run one case alone with `cargo test -p guest-tests --test lifecycle -- CASE`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use guest_tests::qmp::{self, Qmp};
+use guest_tests::vm::RunningVm;
 use guest_tests::vm::{fio_errors, fio_summary};
 use guest_tests::vmcrypt::create_encrypted;
 use guest_tests::{Disk, GuestRun, Vm, Vmcrypt};
@@ -228,17 +229,13 @@ fn try_migrate(script: &str, rbd: bool) -> Result<Migrated, Broken> {
     let args: Vec<&str> = match &ceph {
         Some(c) => {
             conf = c.conf.to_str().unwrap().to_string();
-            let out = std::process::Command::new(guest_tests::vmcrypt::binary())
-                .args(["create", "rbd:rbd/migrate", "--size", "256M", "--keystore"])
-                .arg(work.path().join("keys"))
-                .args(["--ceph-conf", &conf])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            guest_tests::vmcrypt::create_encrypted_rbd(
+                work.path(),
+                "rbd:rbd/migrate",
+                "256M",
+                &c.conf,
+            )
+            .unwrap();
             vec![
                 "--image",
                 "rbd:rbd/migrate",
@@ -267,63 +264,20 @@ fn try_migrate(script: &str, rbd: bool) -> Result<Migrated, Broken> {
     let mut dst_vm = src_vm.clone();
     dst_vm.disks[0] = Disk::new(&dst_d.socket);
 
-    let src_qmp = work.path().join("source.qmp");
-    let incoming = work.path().join("migrate.sock");
-    let mut src = src_vm
-        .spawn_with(
-            &initrd,
-            work.path(),
-            "source",
-            &[
-                "-qmp".into(),
-                format!("unix:{},server=on,wait=off", src_qmp.display()),
-            ],
-        )
-        .unwrap();
-    let dst_qmp = work.path().join("destination.qmp");
-    let dst = dst_vm
-        .spawn_with(
-            &initrd,
-            work.path(),
-            "destination",
-            &[
-                "-incoming".into(),
-                format!("unix:{}", incoming.display()),
-                "-qmp".into(),
-                format!("unix:{},server=on,wait=off", dst_qmp.display()),
-            ],
-        )
-        .unwrap();
-    src.wait_for("=== MIGRATE-NOW")
-        .unwrap_or_else(|e| panic!("{e}\nsource vmcrypt:\n{}", src_d.log_text()));
-    let mut q = Qmp::connect(&src_qmp).unwrap();
-    let m = qmp::migrate(
-        &mut q,
-        &format!("unix:{}", incoming.display()),
-        Duration::from_secs(120),
-    )
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}\nsource QEMU: {}\ndestination QEMU: {}\nsource vmcrypt:\n{}\ndestination vmcrypt:\n{}",
-            src.qemu_stderr(),
-            dst.qemu_stderr(),
+    let daemon_logs = || {
+        format!(
+            "source vmcrypt:\n{}\ndestination vmcrypt:\n{}",
             src_d.log_text(),
             dst_d.log_text()
         )
-    });
-    eprintln!(
-        "migration: total {} ms, downtime {} ms",
-        m.total_ms, m.downtime_ms
-    );
-    let before = src.console();
-    drop(q);
-    drop(src);
-    let logs = format!(
-        "source vmcrypt:\n{}\ndestination vmcrypt:\n{}",
-        src_d.log_text(),
-        dst_d.log_text()
-    );
-    let mut dst = dst;
+    };
+    let Arrived {
+        migration: m,
+        before,
+        mut dst,
+        dst_qmp,
+    } = Pair::spawn(&src_vm, &dst_vm, &initrd, work.path()).migrate(daemon_logs);
+    let logs = daemon_logs();
     if let Err(e) = dst.wait_for("=== GUEST-EXIT") {
         let queues = Qmp::connect(&dst_qmp)
             .map(|mut q| virtio_state(&mut q))
@@ -379,6 +333,114 @@ fn try_migrate(script: &str, rbd: bool) -> Result<Migrated, Broken> {
     })
 }
 
+/// A source QEMU and a destination QEMU (`-incoming`) on this host, each
+/// with a QMP socket, booted with the same initrd.
+struct Pair {
+    src: RunningVm,
+    dst: RunningVm,
+    src_qmp: PathBuf,
+    dst_qmp: PathBuf,
+    incoming: PathBuf,
+}
+
+/// A guest migrated by [`Pair::migrate`]; the source QEMU is gone.
+struct Arrived {
+    migration: qmp::Migration,
+    /// The source's console.
+    before: String,
+    dst: RunningVm,
+    dst_qmp: PathBuf,
+}
+
+impl Pair {
+    fn spawn(src_vm: &Vm, dst_vm: &Vm, initrd: &Path, work: &Path) -> Pair {
+        let qmp = |name: &str| {
+            let path = work.join(format!("{name}.qmp"));
+            let arg = format!("unix:{},server=on,wait=off", path.display());
+            (path, arg)
+        };
+        let (src_qmp, src_arg) = qmp("source");
+        let (dst_qmp, dst_arg) = qmp("destination");
+        let incoming = work.join("migrate.sock");
+        let src = src_vm
+            .spawn_with(initrd, work, "source", &["-qmp".into(), src_arg])
+            .unwrap();
+        let dst = dst_vm
+            .spawn_with(
+                initrd,
+                work,
+                "destination",
+                &[
+                    "-incoming".into(),
+                    format!("unix:{}", incoming.display()),
+                    "-qmp".into(),
+                    dst_arg,
+                ],
+            )
+            .unwrap();
+        Pair {
+            src,
+            dst,
+            src_qmp,
+            dst_qmp,
+            incoming,
+        }
+    }
+
+    /// Waits for the guest's "=== MIGRATE-NOW", migrates it and stops the
+    /// source. `logs` (the daemons', read when needed) go into failure
+    /// messages.
+    fn migrate(self, logs: impl Fn() -> String) -> Arrived {
+        let Pair {
+            mut src,
+            dst,
+            src_qmp,
+            dst_qmp,
+            incoming,
+        } = self;
+        src.wait_for("=== MIGRATE-NOW")
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        let mut q = Qmp::connect(&src_qmp).unwrap();
+        let m = qmp::migrate(
+            &mut q,
+            &format!("unix:{}", incoming.display()),
+            Duration::from_secs(120),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nsource QEMU: {}\ndestination QEMU: {}\n{}",
+                src.qemu_stderr(),
+                dst.qemu_stderr(),
+                logs()
+            )
+        });
+        eprintln!(
+            "migration: total {} ms, downtime {} ms",
+            m.total_ms, m.downtime_ms
+        );
+        Arrived {
+            migration: m,
+            before: src.console(),
+            dst,
+            dst_qmp,
+        }
+    }
+}
+
+/// The read-back script verified every round and found the page cache intact.
+fn expect_read_back(run: &GuestRun) {
+    assert!(
+        run.console.contains("=== VERIFIED 40 rounds"),
+        "{}",
+        run.tail()
+    );
+    assert!(
+        run.console.contains("=== PAGE CACHE INTACT"),
+        "{}",
+        run.tail()
+    );
+}
+
 /// The guest script of the read-back case (below).
 fn read_back_script() -> String {
     format!(
@@ -422,16 +484,7 @@ fn migration_keeps_data_read_back_across_it() {
     let script = read_back_script();
     let m = migrate_while(&script);
     expect_clean(&m.run, &m.logs);
-    assert!(
-        m.run.console.contains("=== VERIFIED 40 rounds"),
-        "{}",
-        m.run.tail()
-    );
-    assert!(
-        m.run.console.contains("=== PAGE CACHE INTACT"),
-        "{}",
-        m.run.tail()
-    );
+    expect_read_back(&m.run);
     // Reads ran on the destination too (how many ran on the source depends
     // on how fast this machine migrates).
     let rounds_after = m.after.matches(" verified").count();
@@ -532,49 +585,12 @@ fn migration_control_with_qemus_own_virtio_blk() {
         "-device".into(),
         "virtio-blk-pci,drive=d0,num-queues=2".into(),
     ];
-    let dst_vm = src_vm.clone();
-    let src_qmp = work.path().join("source.qmp");
-    let incoming = work.path().join("migrate.sock");
-    let mut src = src_vm
-        .spawn_with(
-            &initrd,
-            work.path(),
-            "source",
-            &[
-                "-qmp".into(),
-                format!("unix:{},server=on,wait=off", src_qmp.display()),
-            ],
-        )
-        .unwrap();
-    let dst_qmp = work.path().join("destination.qmp");
-    let mut dst = dst_vm
-        .spawn_with(
-            &initrd,
-            work.path(),
-            "destination",
-            &[
-                "-incoming".into(),
-                format!("unix:{}", incoming.display()),
-                "-qmp".into(),
-                format!("unix:{},server=on,wait=off", dst_qmp.display()),
-            ],
-        )
-        .unwrap();
-    src.wait_for("=== MIGRATE-NOW").unwrap();
-    let mut q = Qmp::connect(&src_qmp).unwrap();
-    let m = qmp::migrate(
-        &mut q,
-        &format!("unix:{}", incoming.display()),
-        Duration::from_secs(120),
-    )
-    .unwrap_or_else(|e| panic!("{e}\nsource QEMU: {}", src.qemu_stderr()));
-    eprintln!(
-        "migration: total {} ms, downtime {} ms",
-        m.total_ms, m.downtime_ms
-    );
-    let before = src.console();
-    drop(q);
-    drop(src);
+    let Arrived {
+        before,
+        mut dst,
+        dst_qmp,
+        ..
+    } = Pair::spawn(&src_vm, &src_vm, &initrd, work.path()).migrate(String::new);
     if let Err(e) = dst.wait_for("=== GUEST-EXIT") {
         let queues = Qmp::connect(&dst_qmp)
             .map(|mut q| virtio_state(&mut q))
@@ -583,14 +599,5 @@ fn migration_control_with_qemus_own_virtio_blk() {
     }
     let run = dst.finish_after(&before).unwrap();
     expect_clean(&run, "");
-    assert!(
-        run.console.contains("=== VERIFIED 40 rounds"),
-        "{}",
-        run.tail()
-    );
-    assert!(
-        run.console.contains("=== PAGE CACHE INTACT"),
-        "{}",
-        run.tail()
-    );
+    expect_read_back(&run);
 }
