@@ -7,6 +7,7 @@
 pub mod ceph;
 pub mod guest;
 pub mod libvirt;
+pub mod qemu;
 pub mod qmp;
 pub mod vm;
 pub mod vmcrypt;

@@ -5,6 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::guest::GuestImage;
+use crate::qemu::Qemu;
 
 /// A vhost-user-blk disk served on `socket`.
 #[derive(Clone, Debug)]
@@ -61,16 +62,10 @@ impl Accel {
         let works = Path::new("/dev/kvm").exists() && {
             let work = tempfile::tempdir().unwrap();
             let vm = Vm {
-                image: image.clone(),
-                disks: vec![],
                 cpus: 1,
                 mem_mb: 256,
-                accel: Accel::Kvm,
                 timeout: Duration::from_secs(20),
-                extra: vec![],
-                tcg_single_thread: false,
-                cpu: None,
-                shared_memory: true,
+                ..Vm::new(image, Accel::Kvm)
             };
             vm.run("true", work.path()).is_ok_and(|r| r.rc == Some(0))
         };
@@ -99,6 +94,8 @@ pub struct Vm {
     /// Guest RAM in a shared memfd, as vhost-user devices need (the default);
     /// without, QEMU's own anonymous memory.
     pub shared_memory: bool,
+    /// The QEMU to boot with: the host's unless a test chooses another.
+    pub qemu: Qemu,
 }
 
 /// A booted guest.
@@ -307,12 +304,14 @@ impl Vm {
             tcg_single_thread: false,
             cpu: None,
             shared_memory: true,
+            qemu: Qemu::host(),
         }
     }
 
     /// The QEMU command line (without the script-specific initrd).
     pub fn command(&self, initrd: &Path, console: &Path) -> Command {
-        let mut c = Command::new("qemu-system-x86_64");
+        let mut c = Command::new(&self.qemu.binary);
+        c.args(self.qemu.data_args());
         c.args([
             "-machine",
             "q35",
@@ -390,7 +389,7 @@ impl Vm {
             .stdout(std::fs::File::create(work.join(format!("{name}.qemu.log"))).unwrap())
             .stderr(std::fs::File::create(&qemu_err).unwrap())
             .spawn()
-            .map_err(|e| format!("starting qemu-system-x86_64: {e}"))?;
+            .map_err(|e| format!("starting {}: {e}", self.qemu.binary.display()))?;
         Ok(RunningVm {
             child,
             console,
