@@ -16,6 +16,7 @@
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -174,6 +175,7 @@ struct Lib {
     rbd_lock_acquire: unsafe extern "C" fn(Image, c_int) -> c_int,
     rbd_lock_release: unsafe extern "C" fn(Image) -> c_int,
     rbd_snap_create: unsafe extern "C" fn(Image, *const c_char) -> c_int,
+    rbd_resize: unsafe extern "C" fn(Image, u64) -> c_int,
 }
 
 /// Resolves `name` in `handle` as a function of type `T`.
@@ -249,6 +251,7 @@ fn load() -> Result<Lib, RbdError> {
             rbd_open_read_only: symbol(rbd, RBD, "rbd_open_read_only")?,
             rbd_close: symbol(rbd, RBD, "rbd_close")?,
             rbd_get_size: symbol(rbd, RBD, "rbd_get_size")?,
+            rbd_resize: symbol(rbd, RBD, "rbd_resize")?,
             rbd_flush: symbol(rbd, RBD, "rbd_flush")?,
             rbd_aio_create_completion: symbol(rbd, RBD, "rbd_aio_create_completion")?,
             rbd_aio_get_return_value: symbol(rbd, RBD, "rbd_aio_get_return_value")?,
@@ -288,7 +291,8 @@ pub struct RbdImage {
     ioctx: Ioctx,
     image: Image,
     spec: RbdSpec,
-    size: u64,
+    /// The image's size in bytes: read at open, changed by [`RbdImage::grow`].
+    size: AtomicU64,
 }
 
 // SAFETY: librbd's image handle and librados' handles are thread-safe for
@@ -302,7 +306,7 @@ impl std::fmt::Debug for RbdImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RbdImage")
             .field("spec", &self.spec)
-            .field("size", &self.size)
+            .field("size", &self.size())
             .finish()
     }
 }
@@ -361,7 +365,7 @@ impl RbdImage {
             ioctx: std::ptr::null_mut(),
             image: std::ptr::null_mut(),
             spec: spec.clone(),
-            size: 0,
+            size: AtomicU64::new(0),
         };
         let conf = cstr(&ceph.conf.to_string_lossy(), "--ceph-conf")?;
         // SAFETY: valid handle and C string.
@@ -479,7 +483,7 @@ impl RbdImage {
         // SAFETY: open image, out pointer.
         let rc = unsafe { (lib.rbd_get_size)(me.image, &mut size) };
         call(&format!("size of {spec}"), rc)?;
-        me.size = size;
+        me.size = AtomicU64::new(size);
         Ok(me)
     }
 
@@ -501,7 +505,27 @@ impl RbdImage {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the image to `size` bytes (`rbd_resize`; the new space reads
+    /// as zeroes). Never shrinks: a smaller `size` is refused.
+    pub fn grow(&self, size: u64) -> io::Result<()> {
+        let old = self.size();
+        if size < old {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{size} bytes is smaller than the RBD image ({old} bytes)"),
+            ));
+        }
+        // SAFETY: open image; librbd takes the exclusive lock for the
+        // operation if this client does not hold it, or asks its holder.
+        let rc = unsafe { (self.lib.rbd_resize)(self.image, size) };
+        if rc < 0 {
+            return Err(errno(rc.into()));
+        }
+        self.size.store(size, Ordering::Release);
+        Ok(())
     }
 
     /// Takes the image's exclusive lock (librbd's exclusive-lock feature,
@@ -675,7 +699,7 @@ impl RbdImage {
 /// Synchronous access for the LUKS header (`vmcrypt_crypto::Blocks`).
 impl vmcrypt_crypto::Blocks for RbdImage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let len = buf.len().min(self.size.saturating_sub(offset) as usize);
+        let len = buf.len().min(self.size().saturating_sub(offset) as usize);
         if len == 0 {
             return Ok(0);
         }
@@ -706,7 +730,7 @@ impl vmcrypt_crypto::Blocks for RbdImage {
     }
 
     fn size(&self) -> io::Result<u64> {
-        Ok(self.size)
+        Ok(RbdImage::size(self))
     }
 }
 

@@ -221,15 +221,14 @@ impl Image {
     }
 
     /// Grows the disk to `capacity` bytes: a file image is extended past
-    /// its data offset (the new space is a hole). A block device keeps the
-    /// size it has, and a null device has nothing to grow.
+    /// its data offset (the new space is a hole), an RBD image is resized
+    /// (`rbd_resize`). A block device keeps the size it has, and a null
+    /// device has nothing to grow.
     pub fn grow(&self, capacity: u64) -> io::Result<()> {
         use std::os::unix::fs::FileTypeExt;
-        if let Image::Rbd { .. } = self {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "resizing an RBD image is not supported yet (rbd resize, then restart)",
-            ));
+        let too_large = || io::Error::new(io::ErrorKind::InvalidInput, "size too large");
+        if let Image::Rbd { rbd, data_offset } = self {
+            return rbd.grow(data_offset.checked_add(capacity).ok_or_else(too_large)?);
         }
         let Image::File {
             file, data_offset, ..
@@ -243,9 +242,7 @@ impl Image {
                 "the image is a block device, whose size is its own: grow the device instead",
             ));
         }
-        let len = data_offset
-            .checked_add(capacity)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "size too large"))?;
+        let len = data_offset.checked_add(capacity).ok_or_else(too_large)?;
         file.set_len(len)?;
         file.sync_all()
     }

@@ -862,3 +862,89 @@ fn control_snapshot_of_an_rbd_image() {
     assert_eq!(f.read(0, 0, 0, 65536), 0);
     assert_eq!(f.buf(0, 65536), &pattern(52, 65536)[..]);
 }
+
+/// `resize` on the control socket grows an encrypted RBD image by its
+/// payload (`rbd_resize`) while a frontend runs: the new space is written
+/// and read on the running queue, a new connection sees the new capacity,
+/// `rbd info` counts the LUKS header on top, and QEMU's luks-over-rbd
+/// reads what vmcrypt wrote at the new end.
+#[test]
+fn control_resize_grows_an_rbd_image() {
+    use std::io::{BufRead, BufReader, Write};
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = ceph.conf.to_str().unwrap();
+    ok(Command::new(BIN)
+        .args(["create", "rbd:rbd/grown", "--size", "8M", "--keystore"])
+        .arg(dir.path().join("keys"))
+        .args(["--ceph-conf", conf])
+        .output()
+        .unwrap());
+    let control = dir.path().join("control.sock");
+    let d = ceph.serve(
+        dir.path(),
+        "grown",
+        "rbd:rbd/grown",
+        &["--control", control.to_str().unwrap()],
+    );
+    let _show = ShowLog(d.log.clone());
+    let rpc = |params: &str| -> serde_json::Value {
+        let s = std::os::unix::net::UnixStream::connect(&control).unwrap();
+        let mut w = s.try_clone().unwrap();
+        writeln!(
+            w,
+            r#"{{"jsonrpc":"2.0","id":1,"method":"resize","params":{params}}}"#
+        )
+        .unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    assert_eq!(f.capacity, 8 * MIB);
+    f.buf(0, 65536).copy_from_slice(&pattern(61, 65536));
+    assert_ne!(f.write(0, 12 * MIB, 0, 65536), 0, "past the end before");
+
+    let r = rpc(r#"{"size":"4M"}"#);
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("shrinking is refused"),
+        "{r}"
+    );
+    let r = rpc(r#"{"size":"16M"}"#);
+    assert_eq!(r["result"]["capacity"], 16 * MIB, "{r}");
+    assert_eq!(r["result"]["previous"], 8 * MIB, "{r}");
+    // The running queue takes the new space at once.
+    assert_eq!(f.write(0, 16 * MIB - 65536, 0, 65536), 0);
+    assert_eq!(f.read(0, 16 * MIB - 65536, 65536, 65536), 0);
+    assert_eq!(f.buf(65536, 65536), &pattern(61, 65536)[..]);
+    assert_ne!(f.write(0, 16 * MIB, 0, 4096), 0, "past the new end");
+    drop(f);
+    let f = Frontend::connect(&d.socket, 1, MIB as usize);
+    assert_eq!(f.capacity, 16 * MIB);
+    drop(f);
+
+    // The RBD image holds the LUKS header (2 MiB) and the new payload.
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(ceph.rbd(&["info", "--format", "json", "rbd/grown"]))).unwrap();
+    assert_eq!(info["size"], 18 * MIB, "{info}");
+    let status = d.terminate();
+    assert!(status.success(), "{status}");
+
+    // QEMU's own luks driver over its rbd driver agrees.
+    let pass = dir.path().join("pass");
+    ok(Command::new(BIN)
+        .args(["export-passphrase", "rbd:rbd/grown", "--output"])
+        .arg(&pass)
+        .args(["--ceph-conf", conf])
+        .output()
+        .unwrap());
+    let out = qemu_io_luks(ceph, "grown", &pass, "read -v 16320k 16");
+    let want: String = pattern(61, 65536)[..16]
+        .iter()
+        .map(|b| format!("{b:02x} "))
+        .collect();
+    assert!(out.contains(want.trim()), "{out}\nwant {want}");
+}
