@@ -40,21 +40,36 @@ impl Qemu {
         }
     }
 
+    /// The QEMU guests run on: `VMCRYPT_GUEST_QEMU` if set (see
+    /// [`Qemu::from_env`]), else the host's.
+    pub fn for_guests() -> Result<Qemu, String> {
+        Qemu::from_env("VMCRYPT_GUEST_QEMU").unwrap_or(Ok(Qemu::host()))
+    }
+
     /// The QEMU the migration tests run on: `VMCRYPT_MIGRATION_QEMU` if set
-    /// (a `qemu-system-x86_64` binary; `host` for the host's), else QEMU 10.0
-    /// from bookworm-backports, fetched on first use. Safe to call from
-    /// several test processes at once.
+    /// (see [`Qemu::from_env`]), else QEMU 10.0 from bookworm-backports.
     pub fn for_migration() -> Result<Qemu, String> {
-        match std::env::var("VMCRYPT_MIGRATION_QEMU") {
-            Ok(v) if v == "host" => return Ok(Qemu::host()),
-            Ok(v) => {
-                return Ok(Qemu {
-                    binary: v.into(),
-                    data_dirs: vec![],
-                })
-            }
-            Err(_) => {}
-        }
+        Qemu::from_env("VMCRYPT_MIGRATION_QEMU").unwrap_or_else(Qemu::backports)
+    }
+
+    /// The QEMU environment variable `var` names, if it is set: `host` for
+    /// the host's, `backports` for QEMU 10.0 from bookworm-backports, or
+    /// the path of a `qemu-system-x86_64`.
+    fn from_env(var: &str) -> Option<Result<Qemu, String>> {
+        let v = std::env::var(var).ok()?;
+        Some(match v.as_str() {
+            "host" => Ok(Qemu::host()),
+            "backports" => Qemu::backports(),
+            _ => Ok(Qemu {
+                binary: v.into(),
+                data_dirs: vec![],
+            }),
+        })
+    }
+
+    /// QEMU 10.0 from bookworm-backports, fetched on first use. Safe to call
+    /// from several test processes at once.
+    pub fn backports() -> Result<Qemu, String> {
         let dir = target_dir().join(DIR);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let dir = std::fs::canonicalize(&dir).map_err(|e| e.to_string())?;

@@ -304,7 +304,7 @@ impl Vm {
             tcg_single_thread: false,
             cpu: None,
             shared_memory: true,
-            qemu: Qemu::host(),
+            qemu: Qemu::for_guests().unwrap_or_else(|e| panic!("{e}")),
         }
     }
 
