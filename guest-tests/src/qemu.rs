@@ -125,6 +125,13 @@ impl Qemu {
                 }
             ));
         }
+        // The suite moves with Debian 13's QEMU: say which one ran.
+        let version = String::from_utf8_lossy(&out.stdout);
+        eprintln!(
+            "{}: {}",
+            self.binary.display(),
+            version.lines().next().unwrap_or("").trim()
+        );
         Ok(())
     }
 }
