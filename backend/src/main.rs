@@ -132,6 +132,10 @@ enum Command {
     /// --deep, and serve the clone.
     ///
     /// DST appears only when complete (it is built as DST.partial).
+    ///
+    /// Image files only. For an RBD image: `rbd clone` of a protected
+    /// snapshot (RBD copies the key descriptor with it), then `vmcrypt rekey`
+    /// of the clone.
     Clone {
         /// The image to copy (not served by a running device: use a snapshot).
         src: PathBuf,
@@ -425,6 +429,14 @@ fn main() -> ExitCode {
             kms_deadline,
         } => {
             init_logging(Some("warn"));
+            if let Some(rbd) = [&src, &dst].into_iter().find(|p| rbd_spec(p).is_some()) {
+                return done(Err(commands::CommandError::Invalid(format!(
+                    "{}: clone works on image files only, not yet on RBD images (for now: \
+                     `rbd clone` of a protected snapshot gives a shallow copy with the same \
+                     key; `vmcrypt rekey` then gives it a key-encryption key of its own)",
+                    rbd.display()
+                ))));
+            }
             let mut source = key_source(keystore, kms, kms_deadline);
             source.passphrase_file = passphrase_file;
             done(new_provider(&source).and_then(|(p, dir)| {

@@ -948,3 +948,85 @@ fn control_resize_grows_an_rbd_image() {
         .collect();
     assert!(out.contains(want.trim()), "{out}\nwant {want}");
 }
+
+/// `vmcrypt clone` refuses RBD images with the way that works instead,
+/// and that way works: `rbd clone` of a protected snapshot carries the
+/// LUKS header and the key descriptor (RBD copies image metadata to
+/// clones), `vmcrypt rekey` gives the clone a KEK of its own, the clone
+/// serves the parent's data, and the parent's key no longer opens it.
+#[test]
+fn clone_of_rbd_images_is_refused_and_rbd_clone_then_rekey_works() {
+    let ceph = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let conf = ceph.conf.to_str().unwrap();
+    let vmcrypt = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--keystore", keys.to_str().unwrap(), "--ceph-conf", conf])
+            .output()
+            .unwrap()
+    };
+    ok(vmcrypt(&["create", "rbd:rbd/parent", "--size", "8M"]));
+    {
+        let d = ceph.serve(dir.path(), "parent", "rbd:rbd/parent", &[]);
+        let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+        f.buf(0, 65536).copy_from_slice(&pattern(71, 65536));
+        assert_eq!(f.write(0, MIB, 0, 65536), 0);
+        drop(f);
+        assert!(d.terminate().success());
+    }
+    ok(ceph.rbd(&["snap", "create", "rbd/parent@gold"]));
+    ok(ceph.rbd(&["snap", "protect", "rbd/parent@gold"]));
+
+    let out = Command::new(BIN)
+        .args([
+            "clone",
+            "rbd:rbd/parent@gold",
+            "rbd:rbd/child",
+            "--keystore",
+        ])
+        .arg(&keys)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not yet on RBD images"), "{err}");
+    assert!(err.contains("rbd clone"), "{err}");
+    assert!(!String::from_utf8_lossy(&ceph.rbd(&["ls", "rbd"]).stdout).contains("child"));
+
+    // The way the message gives.
+    ok(ceph.rbd(&["clone", "rbd/parent@gold", "rbd/child"]));
+    let parent_pass = dir.path().join("parent.pass");
+    ok(vmcrypt(&[
+        "export-passphrase",
+        "rbd:rbd/parent",
+        "--output",
+        parent_pass.to_str().unwrap(),
+    ]));
+    let out = ok(vmcrypt(&["rekey", "rbd:rbd/child"]));
+    assert!(out.contains("rekeyed rbd:rbd/child"), "{out}");
+    let d = ceph.serve(dir.path(), "child", "rbd:rbd/child", &[]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    assert_eq!(f.read(0, MIB, 0, 65536), 0);
+    assert_eq!(f.buf(0, 65536), &pattern(71, 65536)[..]);
+    drop(f);
+    assert!(d.terminate().success());
+    let opens = |image: &str| {
+        Command::new("qemu-io")
+            .arg("--object")
+            .arg(format!("secret,id=s0,file={}", parent_pass.display()))
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=luks,key-secret=s0,file.driver=rbd,file.pool=rbd,file.image={image},\
+                 file.conf={conf}"
+            ))
+            .args(["-c", "read 0 4k"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(opens("parent"));
+    assert!(!opens("child"), "the parent's key still opens the clone");
+}
