@@ -660,18 +660,6 @@ fn qemu_made_luks_on_rbd_and_what_is_refused() {
     assert!(e.contains("no LUKS header"), "{e}");
 }
 
-fn try_start(socket: &Path) -> Result<blkio::Blkio, String> {
-    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").map_err(|e| e.to_string())?;
-    b.set_str("path", socket.to_str().unwrap())
-        .map_err(|e| e.to_string())?;
-    b.connect().map_err(|e| e.to_string())?;
-    b.set_i32("num-queues", 1).map_err(|e| e.to_string())?;
-    b.start().map_err(|e| e.to_string())?;
-    let r = b.alloc_mem_region(2 << 20).map_err(|e| e.to_string())?;
-    b.map_mem_region(&r).map_err(|e| e.to_string())?;
-    Ok(b)
-}
-
 /// Two daemons on one RBD image (a migration's source and destination):
 /// only the one whose device runs holds librbd's exclusive lock and
 /// writes; the other's device is refused until the first stops.

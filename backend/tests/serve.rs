@@ -513,19 +513,6 @@ fn start_up_errors_are_one_line_and_non_zero() {
     assert_eq!(std::fs::read(&plain).unwrap(), b"not a socket");
 }
 
-/// A frontend start that may fail: connect, start, map a buffer region.
-fn try_start(socket: &std::path::Path) -> Result<blkio::Blkio, String> {
-    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").map_err(|e| e.to_string())?;
-    b.set_str("path", socket.to_str().unwrap())
-        .map_err(|e| e.to_string())?;
-    b.connect().map_err(|e| e.to_string())?;
-    b.set_i32("num-queues", 1).map_err(|e| e.to_string())?;
-    b.start().map_err(|e| e.to_string())?;
-    let r = b.alloc_mem_region(2 << 20).map_err(|e| e.to_string())?;
-    b.map_mem_region(&r).map_err(|e| e.to_string())?;
-    Ok(b)
-}
-
 #[test]
 fn image_is_held_by_the_running_device_only() {
     // Two daemons may hold one image open (a migration's source and

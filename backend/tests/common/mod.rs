@@ -325,3 +325,17 @@ impl Drop for Xfs {
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
     }
 }
+
+/// A frontend start that may fail (a device start the daemon refuses):
+/// connect with one queue, start, map a buffer region.
+pub fn try_start(socket: &Path) -> Result<Blkio, String> {
+    let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| e.to_string())?;
+    b.set_str("path", socket.to_str().unwrap())
+        .map_err(|e| e.to_string())?;
+    b.connect().map_err(|e| e.to_string())?;
+    b.set_i32("num-queues", 1).map_err(|e| e.to_string())?;
+    b.start().map_err(|e| e.to_string())?;
+    let r = b.alloc_mem_region(2 << 20).map_err(|e| e.to_string())?;
+    b.map_mem_region(&r).map_err(|e| e.to_string())?;
+    Ok(b)
+}
