@@ -62,6 +62,9 @@ struct Inner {
     /// The backend request channel, if the frontend set one up: how the
     /// frontend learns that the config space changed (a resize).
     backend_req: Mutex<Option<Backend>>,
+    /// The frontend handed over a dirty log and wants it kept (a migration
+    /// runs), for `status` and the log.
+    dirty_logging: AtomicBool,
 }
 
 /// The device's queues held still (see [`BlockDevice::pause`]): no queue
@@ -115,6 +118,7 @@ impl BlockDevice {
             workers,
             handover,
             backend_req: Mutex::new(None),
+            dirty_logging: AtomicBool::new(false),
         })))
     }
 
@@ -128,6 +132,17 @@ impl BlockDevice {
             w.drain()?;
         }
         Ok(Paused { workers })
+    }
+
+    /// Whether a frontend runs the device: it holds the image (see
+    /// `handover`).
+    pub fn is_running(&self) -> bool {
+        self.0.handover.is_held()
+    }
+
+    /// Whether the queues log their writes to guest memory for a migration.
+    pub fn dirty_logging(&self) -> bool {
+        self.0.dirty_logging.load(Ordering::Acquire)
     }
 
     /// Interrupts the guest on every running queue; how many were.
@@ -306,6 +321,9 @@ impl VhostUserBackend for BlockDevice {
             for q in 0..self.0.workers.len() {
                 self.worker(q).set_dirty_log(None);
             }
+            if self.0.dirty_logging.swap(false, Ordering::AcqRel) {
+                tracing::info!("dirty logging of guest memory stopped (the migration ended)");
+            }
         }
     }
 
@@ -316,6 +334,7 @@ impl VhostUserBackend for BlockDevice {
         for q in 0..self.0.workers.len() {
             self.worker(q).set_dirty_log(Some(log.clone()));
         }
+        self.0.dirty_logging.store(true, Ordering::Release);
         tracing::info!("dirty logging of guest memory started (migration)");
         Ok(true)
     }

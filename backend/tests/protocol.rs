@@ -268,10 +268,26 @@ fn log_bit(log: &[u8], gpa: u64) -> bool {
 fn the_dirty_log_covers_what_vmcrypt_writes() {
     let dir = tempfile::tempdir().unwrap();
     let img = raw_image(dir.path(), 11);
-    let d = Daemon::start(dir.path(), "vmcrypt", &["--image", img.to_str().unwrap()]);
+    let control = dir.path().join("control.sock");
+    let d = Daemon::start(
+        dir.path(),
+        "vmcrypt",
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    let state = || {
+        let s = &control_call(&control, "status", "{}")["result"];
+        (s["device_running"].as_bool(), s["dirty_logging"].as_bool())
+    };
+    assert_eq!(state(), (Some(false), Some(false)));
     let mem = Memory::new();
     let mut dev = Device::connect(&d.socket, VhostUserVirtioFeatures::LOG_ALL.bits());
     dev.start(&mem, 0);
+    assert_eq!(state(), (Some(true), Some(false)));
 
     // A read before logging starts marks nothing (there is no log yet);
     // then QEMU hands over the log.
@@ -326,6 +342,25 @@ fn the_dirty_log_covers_what_vmcrypt_writes() {
     ] {
         assert!(!log_bit(&bits, gpa), "{what} ({gpa:#x}) logged");
     }
+
+    // `status` shows the migration; features without LOG_ALL end it.
+    assert_eq!(state(), (Some(true), Some(true)));
+    dev.fe
+        .set_features(VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        .unwrap();
+    // SET_FEATURES has no reply: give the daemon a moment to read it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let stopped = || {
+        d.log_text()
+            .contains("dirty logging of guest memory stopped")
+    };
+    while (state() != (Some(true), Some(false)) || !stopped())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(state(), (Some(true), Some(false)));
+    assert!(stopped(), "{}", d.log_text());
 }
 
 /// vmcrypt is killed while a write waits behind the throttle and a later

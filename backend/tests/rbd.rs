@@ -779,7 +779,6 @@ fn info_and_rekey_of_an_encrypted_rbd_image() {
 /// (read-only) with what was written before it; the live image goes on.
 #[test]
 fn control_snapshot_of_an_rbd_image() {
-    use std::io::{BufRead, BufReader, Write};
     let ceph = cluster();
     let dir = tempfile::tempdir().unwrap();
     let conf = ceph.conf.to_str().unwrap();
@@ -800,18 +799,7 @@ fn control_snapshot_of_an_rbd_image() {
     f.buf(0, 65536).copy_from_slice(&pattern(51, 65536));
     assert_eq!(f.write(0, 0, 0, 65536), 0);
 
-    let rpc = |params: &str| -> serde_json::Value {
-        let s = std::os::unix::net::UnixStream::connect(&control).unwrap();
-        let mut w = s.try_clone().unwrap();
-        writeln!(
-            w,
-            r#"{{"jsonrpc":"2.0","id":1,"method":"snapshot","params":{params}}}"#
-        )
-        .unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
-    };
+    let rpc = |params: &str| control_call(&control, "snapshot", params);
     let r = rpc(r#"{"name":"first"}"#);
     assert_eq!(r["result"]["snapshot"], "rbd:rbd/snapped@first", "{r}");
     eprintln!("RBD snapshot pause: {} ms", r["result"]["pause_ms"]);
@@ -858,7 +846,6 @@ fn control_snapshot_of_an_rbd_image() {
 /// reads what vmcrypt wrote at the new end.
 #[test]
 fn control_resize_grows_an_rbd_image() {
-    use std::io::{BufRead, BufReader, Write};
     let ceph = cluster();
     let dir = tempfile::tempdir().unwrap();
     let conf = ceph.conf.to_str().unwrap();
@@ -876,18 +863,7 @@ fn control_resize_grows_an_rbd_image() {
         &["--control", control.to_str().unwrap()],
     );
     let _show = ShowLog(d.log.clone());
-    let rpc = |params: &str| -> serde_json::Value {
-        let s = std::os::unix::net::UnixStream::connect(&control).unwrap();
-        let mut w = s.try_clone().unwrap();
-        writeln!(
-            w,
-            r#"{{"jsonrpc":"2.0","id":1,"method":"resize","params":{params}}}"#
-        )
-        .unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
-    };
+    let rpc = |params: &str| control_call(&control, "resize", params);
     let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
     assert_eq!(f.capacity, 8 * MIB);
     f.buf(0, 65536).copy_from_slice(&pattern(61, 65536));

@@ -186,6 +186,13 @@ fn call(control: &Control, method: &str, params: &Value) -> Result<Value, RpcErr
 
 fn status(c: &Control) -> Value {
     let i = &c.info;
+    let (running, logging) = c
+        .served
+        .device
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map_or((false, false), |d| (d.is_running(), d.dirty_logging()));
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "image": i.image,
@@ -197,6 +204,8 @@ fn status(c: &Control) -> Value {
         "cache": i.cache,
         "filters": i.filters,
         "frontend_connected": c.connected.load(Ordering::Relaxed),
+        "device_running": running,
+        "dirty_logging": logging,
         "key_provider": i.key.as_ref().map(|k| k.provider.clone()),
         "key_id": i.key.as_ref().and_then(|k| k.key_id.clone()),
         "throttle": limits(&c.throttle),

@@ -339,3 +339,20 @@ pub fn try_start(socket: &Path) -> Result<Blkio, String> {
     b.map_mem_region(&r).map_err(|e| e.to_string())?;
     Ok(b)
 }
+
+/// One JSON-RPC call on the control socket at `path`; `params` is JSON.
+/// Returns the whole answer (`result` or `error`).
+pub fn control_call(path: &Path, method: &str, params: &str) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut w = s.try_clone().unwrap();
+    writeln!(
+        w,
+        r#"{{"jsonrpc":"2.0","id":1,"method":"{method}","params":{params}}}"#
+    )
+    .unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
