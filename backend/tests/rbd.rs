@@ -103,6 +103,38 @@ impl Ceph {
         out.stdout
     }
 
+    /// `vmcrypt create rbd:rbd/NAME --size SIZE`, its KEK in the local key
+    /// store `dir/keys`; what it printed.
+    fn create_encrypted(&self, dir: &Path, name: &str, size: &str) -> String {
+        ok(Command::new(BIN)
+            .args([
+                "create",
+                &format!("rbd:rbd/{name}"),
+                "--size",
+                size,
+                "--keystore",
+            ])
+            .arg(dir.join("keys"))
+            .arg("--ceph-conf")
+            .arg(&self.conf)
+            .output()
+            .unwrap())
+    }
+
+    /// The passphrase of the encrypted image rbd/NAME (`vmcrypt
+    /// export-passphrase`), in `dir/NAME.pass`.
+    fn export_passphrase(&self, dir: &Path, name: &str) -> PathBuf {
+        let pass = dir.join(format!("{name}.pass"));
+        ok(Command::new(BIN)
+            .args(["export-passphrase", &format!("rbd:rbd/{name}"), "--output"])
+            .arg(&pass)
+            .arg("--ceph-conf")
+            .arg(&self.conf)
+            .output()
+            .unwrap());
+        pass
+    }
+
     fn serve(&self, dir: &Path, name: &str, spec: &str, extra: &[&str]) -> Daemon {
         let mut args = vec!["--image", spec, "--ceph-conf", self.conf.to_str().unwrap()];
         args.extend_from_slice(extra);
@@ -489,9 +521,15 @@ fn ok(out: std::process::Output) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// qemu-io through QEMU's own luks driver over its rbd driver.
+/// qemu-io through QEMU's own luks driver over its rbd driver; fails the
+/// test if qemu-io fails.
 fn qemu_io_luks(ceph: &Ceph, image: &str, pass: &Path, cmd: &str) -> String {
-    ok(Command::new("qemu-io")
+    ok(qemu_io_luks_output(ceph, image, pass, cmd))
+}
+
+/// As [`qemu_io_luks`], for a run that may fail (a key that must not open).
+fn qemu_io_luks_output(ceph: &Ceph, image: &str, pass: &Path, cmd: &str) -> std::process::Output {
+    Command::new("qemu-io")
         .arg("--object")
         .arg(format!("secret,id=s0,file={}", pass.display()))
         .arg("--image-opts")
@@ -501,7 +539,7 @@ fn qemu_io_luks(ceph: &Ceph, image: &str, pass: &Path, cmd: &str) -> String {
         ))
         .args(["-c", cmd])
         .output()
-        .unwrap())
+        .unwrap()
 }
 
 /// `vmcrypt create rbd:...` puts a LUKS1 header inside the RBD image and
@@ -512,14 +550,8 @@ fn qemu_io_luks(ceph: &Ceph, image: &str, pass: &Path, cmd: &str) -> String {
 fn encrypted_rbd_images_interoperate_with_qemu() {
     let ceph = cluster();
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
     let conf = ceph.conf.to_str().unwrap();
-    let out = ok(Command::new(BIN)
-        .args(["create", "rbd:rbd/enc", "--size", "16M", "--keystore"])
-        .arg(&keys)
-        .args(["--ceph-conf", conf])
-        .output()
-        .unwrap());
+    let out = ceph.create_encrypted(dir.path(), "enc", "16M");
     assert!(
         out.contains("key descriptor in the image's metadata"),
         "{out}"
@@ -580,13 +612,7 @@ fn encrypted_rbd_images_interoperate_with_qemu() {
     }
 
     // QEMU reads what vmcrypt wrote, with the passphrase vmcrypt exports...
-    let pass = dir.path().join("pass");
-    ok(Command::new(BIN)
-        .args(["export-passphrase", "rbd:rbd/enc", "--output"])
-        .arg(&pass)
-        .args(["--ceph-conf", conf])
-        .output()
-        .unwrap());
+    let pass = ceph.export_passphrase(dir.path(), "enc");
     let out = qemu_io_luks(ceph, "enc", &pass, "read -P 0x5a 0 64k");
     assert!(!out.contains("Pattern verification failed"), "{out}");
     // ...and vmcrypt reads what QEMU wrote.
@@ -722,7 +748,7 @@ fn info_and_rekey_of_an_encrypted_rbd_image() {
             .output()
             .unwrap())
     };
-    vmcrypt(&["create", "rbd:rbd/rk", "--size", "8M"]);
+    ceph.create_encrypted(dir.path(), "rk", "8M");
     let key_id = |text: &str| {
         text.lines()
             .find(|l| l.starts_with("key id:"))
@@ -738,13 +764,7 @@ fn info_and_rekey_of_an_encrypted_rbd_image() {
         .unwrap());
     assert!(before.contains("format:         LUKS1"), "{before}");
     assert!(before.contains("capacity:       8388608 bytes"), "{before}");
-    let old_pass = dir.path().join("old.pass");
-    vmcrypt(&[
-        "export-passphrase",
-        "rbd:rbd/rk",
-        "--output",
-        old_pass.to_str().unwrap(),
-    ]);
+    let old_pass = ceph.export_passphrase(dir.path(), "rk");
 
     let out = vmcrypt(&["rekey", "rbd:rbd/rk"]);
     assert!(out.contains("rekeyed rbd:rbd/rk"), "{out}");
@@ -761,16 +781,7 @@ fn info_and_rekey_of_an_encrypted_rbd_image() {
     assert_eq!(f.write(0, 0, 0, 4096), 0);
     drop(f);
     drop(d);
-    let out = Command::new("qemu-io")
-        .arg("--object")
-        .arg(format!("secret,id=s0,file={}", old_pass.display()))
-        .arg("--image-opts")
-        .arg(format!(
-            "driver=luks,key-secret=s0,file.driver=rbd,file.pool=rbd,file.image=rk,file.conf={conf}"
-        ))
-        .args(["-c", "read 0 4k"])
-        .output()
-        .unwrap();
+    let out = qemu_io_luks_output(ceph, "rk", &old_pass, "read 0 4k");
     assert!(!out.status.success(), "the old passphrase still opens it");
 }
 
@@ -782,12 +793,7 @@ fn control_snapshot_of_an_rbd_image() {
     let ceph = cluster();
     let dir = tempfile::tempdir().unwrap();
     let conf = ceph.conf.to_str().unwrap();
-    ok(Command::new(BIN)
-        .args(["create", "rbd:rbd/snapped", "--size", "8M", "--keystore"])
-        .arg(dir.path().join("keys"))
-        .args(["--ceph-conf", conf])
-        .output()
-        .unwrap());
+    ceph.create_encrypted(dir.path(), "snapped", "8M");
     let control = dir.path().join("control.sock");
     let d = ceph.serve(
         dir.path(),
@@ -848,13 +854,7 @@ fn control_snapshot_of_an_rbd_image() {
 fn control_resize_grows_an_rbd_image() {
     let ceph = cluster();
     let dir = tempfile::tempdir().unwrap();
-    let conf = ceph.conf.to_str().unwrap();
-    ok(Command::new(BIN)
-        .args(["create", "rbd:rbd/grown", "--size", "8M", "--keystore"])
-        .arg(dir.path().join("keys"))
-        .args(["--ceph-conf", conf])
-        .output()
-        .unwrap());
+    ceph.create_encrypted(dir.path(), "grown", "8M");
     let control = dir.path().join("control.sock");
     let d = ceph.serve(
         dir.path(),
@@ -898,13 +898,7 @@ fn control_resize_grows_an_rbd_image() {
     assert!(status.success(), "{status}");
 
     // QEMU's own luks driver over its rbd driver agrees.
-    let pass = dir.path().join("pass");
-    ok(Command::new(BIN)
-        .args(["export-passphrase", "rbd:rbd/grown", "--output"])
-        .arg(&pass)
-        .args(["--ceph-conf", conf])
-        .output()
-        .unwrap());
+    let pass = ceph.export_passphrase(dir.path(), "grown");
     let out = qemu_io_luks(ceph, "grown", &pass, "read -v 16320k 16");
     let want: String = pattern(61, 65536)[..16]
         .iter()
@@ -931,7 +925,7 @@ fn clone_of_rbd_images_is_refused_and_rbd_clone_then_rekey_works() {
             .output()
             .unwrap()
     };
-    ok(vmcrypt(&["create", "rbd:rbd/parent", "--size", "8M"]));
+    ceph.create_encrypted(dir.path(), "parent", "8M");
     {
         let d = ceph.serve(dir.path(), "parent", "rbd:rbd/parent", &[]);
         let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
@@ -961,13 +955,7 @@ fn clone_of_rbd_images_is_refused_and_rbd_clone_then_rekey_works() {
 
     // The way the message gives.
     ok(ceph.rbd(&["clone", "rbd/parent@gold", "rbd/child"]));
-    let parent_pass = dir.path().join("parent.pass");
-    ok(vmcrypt(&[
-        "export-passphrase",
-        "rbd:rbd/parent",
-        "--output",
-        parent_pass.to_str().unwrap(),
-    ]));
+    let parent_pass = ceph.export_passphrase(dir.path(), "parent");
     let out = ok(vmcrypt(&["rekey", "rbd:rbd/child"]));
     assert!(out.contains("rekeyed rbd:rbd/child"), "{out}");
     let d = ceph.serve(dir.path(), "child", "rbd:rbd/child", &[]);
@@ -977,17 +965,7 @@ fn clone_of_rbd_images_is_refused_and_rbd_clone_then_rekey_works() {
     drop(f);
     assert!(d.terminate().success());
     let opens = |image: &str| {
-        Command::new("qemu-io")
-            .arg("--object")
-            .arg(format!("secret,id=s0,file={}", parent_pass.display()))
-            .arg("--image-opts")
-            .arg(format!(
-                "driver=luks,key-secret=s0,file.driver=rbd,file.pool=rbd,file.image={image},\
-                 file.conf={conf}"
-            ))
-            .args(["-c", "read 0 4k"])
-            .output()
-            .unwrap()
+        qemu_io_luks_output(ceph, image, &parent_pass, "read 0 4k")
             .status
             .success()
     };
