@@ -154,23 +154,6 @@ fn migrate_while(script: &str) -> Migrated {
     migrate_while_on(script, false)
 }
 
-/// A migration whose guest did not reach the end of its script.
-struct Broken {
-    why: &'static str,
-    report: String,
-}
-
-/// As [`migrate_while`]; with `rbd`, the encrypted image is on Ceph RBD (a
-/// single-node cluster from ci/ceph.sh), both daemons on the same image.
-///
-/// Both QEMUs are QEMU 10.0 from bookworm-backports ([`Qemu::for_migration`]):
-/// under TCG the host's QEMU 7.2 breaks about one guest in five across a
-/// migration without vmcrypt too (the control test below). Every failure
-/// fails the test: there is no second attempt.
-fn migrate_while_on(script: &str, rbd: bool) -> Migrated {
-    try_migrate(script, rbd).unwrap_or_else(|b| panic!("{}\n{}", b.why, b.report))
-}
-
 /// Whether every queue the destination daemon started begins where the
 /// source daemon stopped it, with nothing the source took left incomplete.
 fn rings_agree(source_log: &str, destination_log: &str) -> bool {
@@ -199,7 +182,17 @@ fn rings_agree(source_log: &str, destination_log: &str) -> bool {
             .all(|(q, &(a, u))| a == u && stopped.get(q) == Some(&(a, u)))
 }
 
-fn try_migrate(script: &str, rbd: bool) -> Result<Migrated, Broken> {
+/// As [`migrate_while`]; with `rbd`, the encrypted image is on Ceph RBD (a
+/// single-node cluster from ci/ceph.sh), both daemons on the same image.
+///
+/// Both QEMUs are QEMU 10.0 from bookworm-backports ([`Qemu::for_migration`]):
+/// under TCG the host's QEMU 7.2 breaks about one guest in five across a
+/// migration without vmcrypt too (the control test below). Every failure
+/// fails the test: there is no second attempt. A guest that does not reach
+/// the end of its script is reported with what tells the failures apart:
+/// whether the daemons' rings agree, QEMU's view of the virtqueues, and
+/// whether the guest went on after another interrupt.
+fn migrate_while_on(script: &str, rbd: bool) -> Migrated {
     let (image, accel, _lock) = setup();
     let work = tempfile::tempdir().unwrap();
     let ceph = rbd.then(|| guest_tests::ceph::Ceph::start().unwrap());
@@ -279,19 +272,17 @@ fn try_migrate(script: &str, rbd: bool) -> Result<Migrated, Broken> {
             .iter()
             .any(|m| console.contains(m));
         let agree = rings_agree(&src_d.log_text(), &dst_d.log_text());
-        return Err(Broken {
-            why: if oops {
-                "the guest's kernel broke after the switchover"
-            } else if console.trim().is_empty() {
-                "the guest printed nothing on the destination"
-            } else {
-                "the guest stopped on the destination"
-            },
-            report: format!(
-                "{e}\n{logs}\nrings agree: {agree}\nnotify-guest: {nudge}; the guest went on: \
-                 {nudged}\ndestination virtqueues:\n{queues}"
-            ),
-        });
+        let why = if oops {
+            "the guest's kernel broke after the switchover"
+        } else if console.trim().is_empty() {
+            "the guest printed nothing on the destination"
+        } else {
+            "the guest stopped on the destination"
+        };
+        panic!(
+            "{why}\n{e}\n{logs}\nrings agree: {agree}\nnotify-guest: {nudge}; the guest went \
+             on: {nudged}\ndestination virtqueues:\n{queues}"
+        );
     }
     let run = dst
         .finish_after(&before)
@@ -303,12 +294,12 @@ fn try_migrate(script: &str, rbd: bool) -> Result<Migrated, Broken> {
     assert!(dst_d.log_text().contains("image lock taken"), "{logs}");
     assert!(dst_d.stop().success());
     drop(ceph);
-    Ok(Migrated {
+    Migrated {
         run,
         after,
         migration: m,
         logs,
-    })
+    }
 }
 
 /// A source QEMU and a destination QEMU (`-incoming`) on this host, each
