@@ -78,7 +78,7 @@ fn run(cmd: &mut Command) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn sh(script: &str, dir: &Path) -> Result<String, String> {
+pub(crate) fn sh(script: &str, dir: &Path) -> Result<String, String> {
     run(Command::new("sh").arg("-ec").arg(script).current_dir(dir))
 }
 

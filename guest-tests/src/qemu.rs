@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::guest::target_dir;
+use crate::guest::{sh, target_dir};
 
 /// A QEMU system emulator and the folders it loads firmware from (`-L`).
 #[derive(Clone, Debug)]
@@ -160,19 +160,6 @@ cd .. && rm -rf debs lists cache
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let out = Command::new("sh")
-        .arg("-ec")
-        .arg(&script)
-        .current_dir(dir)
-        .output()
-        .map_err(|e| format!("sh: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "fetching QEMU from {SUITE} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    sh(&script, dir).map_err(|e| format!("fetching QEMU from {SUITE}: {e}"))?;
     Ok(())
 }

@@ -33,19 +33,7 @@ pub fn binary() -> PathBuf {
 /// its KEK in the local key store `dir/keys`.
 pub fn create_encrypted(dir: &Path, name: &str, size: &str) -> Result<PathBuf, String> {
     let img = dir.join(name);
-    let out = Command::new(binary())
-        .arg("create")
-        .arg(&img)
-        .args(["--size", size, "--keystore"])
-        .arg(dir.join("keys"))
-        .output()
-        .map_err(|e| format!("vmcrypt create: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "vmcrypt create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    create(img.as_os_str(), size, dir, &[])?;
     Ok(img)
 }
 
@@ -58,16 +46,33 @@ pub fn create_encrypted_rbd(
     size: &str,
     ceph_conf: &Path,
 ) -> Result<(), String> {
+    create(
+        spec.as_ref(),
+        size,
+        dir,
+        &["--ceph-conf".as_ref(), ceph_conf.as_os_str()],
+    )
+}
+
+/// `vmcrypt create IMAGE --size SIZE --keystore DIR/keys EXTRA...`.
+fn create(
+    image: &std::ffi::OsStr,
+    size: &str,
+    dir: &Path,
+    extra: &[&std::ffi::OsStr],
+) -> Result<(), String> {
     let out = Command::new(binary())
-        .args(["create", spec, "--size", size, "--keystore"])
+        .arg("create")
+        .arg(image)
+        .args(["--size", size, "--keystore"])
         .arg(dir.join("keys"))
-        .arg("--ceph-conf")
-        .arg(ceph_conf)
+        .args(extra)
         .output()
         .map_err(|e| format!("vmcrypt create: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "vmcrypt create {spec}: {}",
+            "vmcrypt create {}: {}",
+            image.to_string_lossy(),
             String::from_utf8_lossy(&out.stderr)
         ));
     }
