@@ -38,8 +38,6 @@ pub struct Served {
     pub read_only: bool,
 }
 
-/// `resize {size}`: grows the disk to `size` bytes (a number, or a string
-/// such as "8G"); the guest is told through the frontend.
 /// `notify-guest`: interrupts the guest on every running queue, as the
 /// daemon does when a ring starts. For a guest suspected of having missed
 /// a completion's interrupt: its driver looks at the used rings again.
@@ -55,6 +53,8 @@ pub fn notify_guest(s: &Served) -> Result<Value, RpcError> {
     Ok(json!({ "queues": n }))
 }
 
+/// `resize {size}`: grows the disk to `size` bytes (a number, or a string
+/// such as "8G"); the guest is told through the frontend.
 pub fn resize(s: &Served, params: &Value) -> Result<Value, RpcError> {
     let size = size_param(params)?;
     if s.read_only {
