@@ -130,6 +130,30 @@ struct Cell {
     cpu_us_per_io: f64,
 }
 
+/// The cells of large transfers (64 KiB or more) in GB/s, with the server
+/// CPU each GB moved cost: what bounds a stream of them.
+fn large_transfers_md(cells: &[Cell]) -> String {
+    let large: Vec<&Cell> = cells
+        .iter()
+        .filter(|c| c.workload.block >= 64 << 10)
+        .collect();
+    if large.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\n| large transfers | queues | server | GB/s | server CPU ms per GB |\n|---|---|---|---:|---:|\n",
+    );
+    for c in large {
+        let gb_s = c.iops * c.workload.block as f64 / 1e9;
+        let ms_per_gb = c.cpu_us_per_io / 1e3 * (1e9 / c.workload.block as f64);
+        md.push_str(&format!(
+            "| {} {} | {} | {} | {:.2} | {:.0} |\n",
+            c.target, c.workload.name, c.queues, c.server, gb_s, ms_per_gb
+        ));
+    }
+    md
+}
+
 /// Writes back dirty pages left by earlier write runs, so the kernel's
 /// writeback does not compete with the next measurement for the CPUs.
 fn settle() {
@@ -517,6 +541,7 @@ fn main() {
             c.cpu_us_per_io
         ));
     }
+    md.push_str(&large_transfers_md(&cells));
     // Queue depth 1 latency: encrypted vmcrypt against unencrypted QSD.
     for q in &args.queues {
         let find = |server: &str| {
