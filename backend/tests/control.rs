@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -15,49 +15,6 @@ use common::*;
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
-
-/// A raw JSON-RPC connection.
-struct Rpc {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    id: u64,
-}
-
-impl Rpc {
-    fn connect(path: &Path) -> Rpc {
-        let s = UnixStream::connect(path).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        Rpc {
-            reader: BufReader::new(s.try_clone().unwrap()),
-            writer: s,
-            id: 0,
-        }
-    }
-
-    /// Sends `line` as it is and returns the answer line, parsed.
-    fn raw(&mut self, line: &[u8]) -> Value {
-        self.writer.write_all(line).unwrap();
-        self.writer.write_all(b"\n").unwrap();
-        let mut answer = String::new();
-        assert!(self.reader.read_line(&mut answer).unwrap() > 0, "no answer");
-        serde_json::from_str(&answer).unwrap()
-    }
-
-    /// Calls `method`; the whole answer.
-    fn call(&mut self, method: &str, params: Value) -> Value {
-        self.id += 1;
-        let req = json!({"jsonrpc": "2.0", "id": self.id, "method": method, "params": params});
-        let a = self.raw(req.to_string().as_bytes());
-        assert_eq!(a["id"], self.id, "{a}");
-        a
-    }
-
-    fn result(&mut self, method: &str, params: Value) -> Value {
-        let a = self.call(method, params);
-        assert!(a.get("error").is_none(), "{method}: {a}");
-        a["result"].clone()
-    }
-}
 
 fn serve(dir: &Path, extra: &[&str]) -> (Daemon, PathBuf) {
     let img = sparse_image(dir, 16 * MIB);

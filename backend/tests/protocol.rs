@@ -280,7 +280,7 @@ fn the_dirty_log_covers_what_vmcrypt_writes() {
         ],
     );
     let state = || {
-        let s = &control_call(&control, "status", "{}")["result"];
+        let s = Rpc::connect(&control).result("status", serde_json::json!({}));
         (s["device_running"].as_bool(), s["dirty_logging"].as_bool())
     };
     assert_eq!(state(), (Some(false), Some(false)));

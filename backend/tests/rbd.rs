@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use blkio::ReqFlags;
 use common::*;
+use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
@@ -805,21 +806,22 @@ fn control_snapshot_of_an_rbd_image() {
     f.buf(0, 65536).copy_from_slice(&pattern(51, 65536));
     assert_eq!(f.write(0, 0, 0, 65536), 0);
 
-    let rpc = |params: &str| control_call(&control, "snapshot", params);
-    let r = rpc(r#"{"name":"first"}"#);
+    let mut rpc = Rpc::connect(&control);
+    let mut rpc = |params| rpc.call("snapshot", params);
+    let r = rpc(json!({"name": "first"}));
     assert_eq!(r["result"]["snapshot"], "rbd:rbd/snapped@first", "{r}");
     eprintln!("RBD snapshot pause: {} ms", r["result"]["pause_ms"]);
-    let r = rpc(r#"{"name":"first"}"#);
+    let r = rpc(json!({"name": "first"}));
     assert!(
         r["error"]["message"].as_str().unwrap().contains("exists"),
         "{r}"
     );
-    let r = rpc(r#"{"path":"/tmp/x.img"}"#);
+    let r = rpc(json!({"path": "/tmp/x.img"}));
     assert!(
         r["error"]["message"].as_str().unwrap().contains("name"),
         "{r}"
     );
-    let r = rpc(r#"{"name":"a/b"}"#);
+    let r = rpc(json!({"name": "a/b"}));
     assert!(r["error"].is_object(), "{r}");
 
     f.buf(0, 65536).copy_from_slice(&pattern(52, 65536));
@@ -863,13 +865,14 @@ fn control_resize_grows_an_rbd_image() {
         &["--control", control.to_str().unwrap()],
     );
     let _show = ShowLog(d.log.clone());
-    let rpc = |params: &str| control_call(&control, "resize", params);
+    let mut rpc = Rpc::connect(&control);
+    let mut rpc = |params| rpc.call("resize", params);
     let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
     assert_eq!(f.capacity, 8 * MIB);
     f.buf(0, 65536).copy_from_slice(&pattern(61, 65536));
     assert_ne!(f.write(0, 12 * MIB, 0, 65536), 0, "past the end before");
 
-    let r = rpc(r#"{"size":"4M"}"#);
+    let r = rpc(json!({"size": "4M"}));
     assert!(
         r["error"]["message"]
             .as_str()
@@ -877,7 +880,7 @@ fn control_resize_grows_an_rbd_image() {
             .contains("shrinking is refused"),
         "{r}"
     );
-    let r = rpc(r#"{"size":"16M"}"#);
+    let r = rpc(json!({"size": "16M"}));
     assert_eq!(r["result"]["capacity"], 16 * MIB, "{r}");
     assert_eq!(r["result"]["previous"], 8 * MIB, "{r}");
     // The running queue takes the new space at once.

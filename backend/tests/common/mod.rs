@@ -2,12 +2,15 @@
 //! binary and drive its socket with libblkio as the vhost-user frontend.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use serde_json::{json, Value};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vmcrypt");
 
@@ -340,19 +343,45 @@ pub fn try_start(socket: &Path) -> Result<Blkio, String> {
     Ok(b)
 }
 
-/// One JSON-RPC call on the control socket at `path`; `params` is JSON.
-/// Returns the whole answer (`result` or `error`).
-pub fn control_call(path: &Path, method: &str, params: &str) -> serde_json::Value {
-    use std::io::{BufRead, BufReader, Write};
-    let s = std::os::unix::net::UnixStream::connect(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut w = s.try_clone().unwrap();
-    writeln!(
-        w,
-        r#"{{"jsonrpc":"2.0","id":1,"method":"{method}","params":{params}}}"#
-    )
-    .unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+/// A JSON-RPC connection to a control socket.
+pub struct Rpc {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    id: u64,
+}
+
+impl Rpc {
+    pub fn connect(path: &Path) -> Rpc {
+        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Rpc {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+            id: 0,
+        }
+    }
+
+    /// Sends `line` as it is and returns the answer line, parsed.
+    pub fn raw(&mut self, line: &[u8]) -> Value {
+        self.writer.write_all(line).unwrap();
+        self.writer.write_all(b"\n").unwrap();
+        let mut answer = String::new();
+        assert!(self.reader.read_line(&mut answer).unwrap() > 0, "no answer");
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"))
+    }
+
+    /// Calls `method`; the whole answer.
+    pub fn call(&mut self, method: &str, params: Value) -> Value {
+        self.id += 1;
+        let req = json!({"jsonrpc": "2.0", "id": self.id, "method": method, "params": params});
+        let a = self.raw(req.to_string().as_bytes());
+        assert_eq!(a["id"], self.id, "{a}");
+        a
+    }
+
+    pub fn result(&mut self, method: &str, params: Value) -> Value {
+        let a = self.call(method, params);
+        assert!(a.get("error").is_none(), "{method}: {a}");
+        a["result"].clone()
+    }
 }
