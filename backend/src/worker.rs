@@ -183,9 +183,6 @@ pub struct QueueWorker {
     /// How many of those requests, and the bytes they moved.
     unsignalled: u64,
     unsignalled_bytes: u64,
-    /// They are to be signalled before the next request is taken
-    /// ([`notify_now`]).
-    notify_due: bool,
     /// Current and largest busy-polling window, in nanoseconds.
     poll_ns: u64,
     poll_max_ns: u64,
@@ -254,7 +251,6 @@ impl QueueWorker {
             returned: false,
             unsignalled_bytes: 0,
             unsignalled: 0,
-            notify_due: false,
             poll_ns: 0,
             poll_max_ns: poll_max.as_nanos() as u64,
             idle_since: None,
@@ -514,7 +510,9 @@ impl QueueWorker {
             self.take(head, chain, queue, mem, now);
         }
         loop {
-            if self.notify_due {
+            if notify_now(self.unsignalled_bytes, self.unsignalled, || {
+                avail_left(state.get_queue(), mem)
+            }) {
                 self.notify(state)?;
             }
             let queue = state.get_queue_mut();
@@ -707,7 +705,6 @@ impl QueueWorker {
     fn notify(&mut self, state: &mut VringState<GuestMemAtomic>) -> io::Result<()> {
         self.unsignalled_bytes = 0;
         self.unsignalled = 0;
-        self.notify_due = false;
         if !std::mem::take(&mut self.returned) {
             return Ok(());
         }
@@ -1076,11 +1073,6 @@ impl QueueWorker {
         let req = &slot.req;
         self.unsignalled_bytes += req.len;
         self.unsignalled += 1;
-        if self.unsignalled_bytes >= NOTIFY_BYTES && !self.notify_due {
-            self.notify_due = notify_now(self.unsignalled_bytes, self.unsignalled, || {
-                avail_left(queue, mem)
-            });
-        }
         self.returned_now.push(Returned {
             op: req.op,
             bytes: req.len,
