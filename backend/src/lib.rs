@@ -7,7 +7,8 @@
 //! 2. [`device`] is the vhost-user-blk device: features, config space, queues.
 //! 3. [`worker`] runs one virtqueue: pops descriptor chains, parses them with
 //!    [`request`], passes them through the [`filter`] pipeline down to the
-//!    [`storage`] sink, and completes them back to the guest.
+//!    [`storage`] sink (buffered writes on the queue thread itself:
+//!    [`inline_write`]), and completes them back to the guest.
 //! 4. Around the data path, the device's life: [`inflight`] records the
 //!    requests each queue has taken so a restarted daemon resubmits them,
 //!    [`dirty`] logs the guest memory vmcrypt writes while QEMU migrates, and
@@ -42,6 +43,7 @@ pub mod dirty;
 pub mod filter;
 pub mod handover;
 pub mod inflight;
+pub mod inline_write;
 pub mod keys;
 pub mod listen;
 pub mod metrics;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types, IoUring};
 
 use crate::direct::DirectIo;
+use crate::inline_write::InlineWrites;
 use crate::pagecache::PageCacheView;
 use crate::request::Iov;
 use vmm_sys_util::eventfd::EventFd;
@@ -38,6 +39,8 @@ pub enum StorageError {
     Empty { path: PathBuf },
     #[error("cannot set up io_uring (kernel too old or io_uring disabled?): {0}")]
     Uring(io::Error),
+    #[error("cannot open the image again for a queue's writes: {0}")]
+    Reopen(io::Error),
 }
 
 /// The storage a disk is served from.
@@ -382,8 +385,14 @@ impl QueueStorage {
         match &**image {
             Image::Null { .. } => Ok(QueueStorage::Null),
             Image::File { file, direct, .. } => {
-                let file = direct.as_ref().map_or(file, |d| &d.file);
-                Ok(QueueStorage::Uring(Box::new(UringQueue::new(file, depth)?)))
+                let mut queue = match direct {
+                    Some(d) => UringQueue::new(&d.file, depth)?,
+                    None => UringQueue::new(file, depth)?,
+                };
+                if direct.is_none() {
+                    queue.inline = Some(InlineWrites::new(file).map_err(StorageError::Reopen)?);
+                }
+                Ok(QueueStorage::Uring(Box::new(queue)))
             }
             Image::Rbd { rbd, .. } => Ok(QueueStorage::Rbd(Box::new(
                 crate::rbd::RbdQueue::new(rbd.clone()).map_err(StorageError::Uring)?,
@@ -497,6 +506,9 @@ pub struct UringQueue {
     /// Completions moved off a full completion queue so that submission
     /// could go on; `reap` hands them out first.
     backlog: Vec<(u64, i64)>,
+    /// Buffered writes done on the queue thread ([`crate::inline_write`]);
+    /// none with `--cache none`, where the io_uring does not block.
+    inline: Option<InlineWrites>,
 }
 
 impl UringQueue {
@@ -518,12 +530,20 @@ impl UringQueue {
             pending: 0,
             in_flight: 0,
             backlog: Vec::new(),
+            inline: None,
         })
     }
 
     /// # Safety
     /// As [`QueueStorage::submit`].
     unsafe fn push(&mut self, tag: u64, op: IoOp<'_>) -> Submitted {
+        if let (IoOp::Write { offset, iovs }, Some(inline)) = (op, self.inline.as_mut()) {
+            // SAFETY: the caller keeps the buffers valid until completion,
+            // which for an inline write is before this returns.
+            if let Some(res) = unsafe { inline.write(offset, iovs) } {
+                return Submitted::Done(res);
+            }
+        }
         let fd = types::Fixed(0);
         let entry = match op {
             IoOp::Read {

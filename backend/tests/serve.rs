@@ -294,6 +294,9 @@ fn sigterm_completes_writes_in_flight_and_restart_finds_them() {
             // Two passes over the chunks, then SIGTERM with all slots in
             // flight, once vmcrypt has had time to take them.
             if next > 2 * chunks {
+                // libblkio only queues the writes above; publish them
+                // before the signal (no completion taken here).
+                f.queues[0].do_io(&mut [], 0, None, None).unwrap();
                 std::thread::sleep(Duration::from_millis(20));
                 d.signal(libc::SIGTERM);
                 signalled = true;
