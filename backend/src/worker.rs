@@ -589,9 +589,9 @@ impl QueueWorker {
         state: &mut VringState<GuestMemAtomic>,
         mem: &GuestMem,
     ) -> io::Result<bool> {
-        // Storage still working (writes handed to the kernel's io-wq
-        // threads, reads from the device): spinning would take a CPU those
-        // threads need; its eventfd wakes us instead.
+        // Storage still working (I/O at the device; buffered writes in the
+        // kernel's io-wq threads after an inline write blocked): spinning
+        // would take a CPU those threads need; its eventfd wakes us instead.
         if self.poll_ns == 0 || self.stopped || self.storage.in_flight() > 0 {
             return Ok(false);
         }
