@@ -96,7 +96,11 @@ impl BlockDevice {
         // Each connection starts with the write cache on (writeback).
         settings.disk.write_cache.set(true);
         for q in 0..settings.num_queues {
-            let storage = QueueStorage::new(image, u32::from(settings.queue_size))?;
+            let storage = QueueStorage::new(
+                image,
+                u32::from(settings.queue_size),
+                settings.disk.metrics.queues[q].clone(),
+            )?;
             let worker = QueueWorker::new(
                 q,
                 settings.disk.clone(),

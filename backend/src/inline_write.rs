@@ -21,7 +21,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use crate::metrics::QueueMetrics;
 use crate::request::Iov;
+use std::sync::Arc;
 
 /// How long writes go through the io_uring after one blocked.
 pub const BACK_OFF: Duration = Duration::from_secs(1);
@@ -39,21 +41,19 @@ pub struct InlineWrites {
     backed_off: Option<Instant>,
     /// Base of the slowness threshold (tests lower it).
     slow_base: Duration,
-    /// Writes done inline, and back-offs, since the queue started.
-    written: u64,
-    back_offs: u64,
+    /// The queue's counters: blocked writes are counted there.
+    metrics: Arc<QueueMetrics>,
 }
 
 impl InlineWrites {
     /// Inline writes to `file`, a buffered (not `O_DIRECT`) regular file
-    /// or block device.
-    pub fn new(file: &File) -> io::Result<Self> {
+    /// or block device, for the queue that owns `metrics`.
+    pub fn new(file: &File, metrics: Arc<QueueMetrics>) -> io::Result<Self> {
         Ok(InlineWrites {
             file: file.try_clone()?,
             backed_off: None,
             slow_base: SLOW_BASE,
-            written: 0,
-            back_offs: 0,
+            metrics,
         })
     }
 
@@ -92,12 +92,11 @@ impl InlineWrites {
                 break -i64::from(e.raw_os_error().unwrap_or(libc::EIO));
             }
         };
-        self.written += 1;
         let slow = self.slow_base + Duration::from_nanos(NS_PER_KIB * (len as u64 >> 10));
         let now = Instant::now();
         if now.duration_since(start) > slow {
             self.backed_off = Some(now + BACK_OFF);
-            self.back_offs += 1;
+            self.metrics.blocked_write();
             tracing::debug!(
                 took_us = now.duration_since(start).as_micros() as u64,
                 len,
@@ -121,7 +120,7 @@ mod tests {
     #[test]
     fn writes_land_and_a_slow_one_backs_off() {
         let file = tempfile::tempfile().unwrap();
-        let mut w = InlineWrites::new(&file).unwrap();
+        let mut w = InlineWrites::new(&file, Arc::default()).unwrap();
         let (a, b) = (vec![0x11u8; 4096], vec![0x22u8; 512]);
         // SAFETY: a and b outlive the call.
         assert_eq!(unsafe { w.write(512, &[iov(&a), iov(&b)]) }, Some(4608));
@@ -129,14 +128,14 @@ mod tests {
         file.read_exact_at(&mut back, 512).unwrap();
         assert_eq!(&back[..4096], &a[..]);
         assert_eq!(&back[4096..], &b[..]);
-        assert_eq!(w.back_offs, 0);
+        assert_eq!(w.metrics.blocked_writes.get(), 0);
 
         // Every write counts as slow now: the next one is still done, then
         // the queue backs off to the io_uring.
         w.slow_base = Duration::ZERO;
         // SAFETY: as above.
         assert_eq!(unsafe { w.write(0, &[iov(&b)]) }, Some(512));
-        assert_eq!(w.back_offs, 1);
+        assert_eq!(w.metrics.blocked_writes.get(), 1);
         // SAFETY: as above.
         assert_eq!(unsafe { w.write(0, &[iov(&b)]) }, None);
         // Once the back-off is over, inline writes are tried again.
@@ -144,14 +143,14 @@ mod tests {
         w.slow_base = SLOW_BASE;
         // SAFETY: as above.
         assert_eq!(unsafe { w.write(0, &[iov(&b)]) }, Some(512));
-        assert_eq!(w.written, 3);
+        assert_eq!(w.metrics.blocked_writes.get(), 1);
     }
 
     #[test]
     fn errors_come_back_as_negative_errnos() {
         let file = tempfile::tempfile().unwrap();
         let ro = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
-        let mut w = InlineWrites::new(&ro).unwrap();
+        let mut w = InlineWrites::new(&ro, Arc::default()).unwrap();
         let b = vec![0u8; 512];
         // SAFETY: b outlives the call.
         let res = unsafe { w.write(0, &[iov(&b)]) };

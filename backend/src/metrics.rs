@@ -129,6 +129,10 @@ pub struct QueueMetrics {
     /// Requests taken from the ring, and returned to it.
     pub taken: Counter,
     pub returned: Counter,
+    /// Buffered writes the queue's thread made that blocked (dirty-page
+    /// throttling, a page read from disk); each sent the queue's writes
+    /// through io_uring's workers for a while ([`crate::inline_write`]).
+    pub blocked_writes: Counter,
 }
 
 impl QueueMetrics {
@@ -152,6 +156,12 @@ impl QueueMetrics {
         m.latency.record(ns);
         m.latency_sum_ns.add(ns);
         self.returned.add(1);
+    }
+
+    /// A buffered write on the queue's thread blocked.
+    #[inline]
+    pub fn blocked_write(&self) {
+        self.blocked_writes.add(1);
     }
 
     /// A chain refused before it became a request.

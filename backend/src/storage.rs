@@ -14,6 +14,7 @@ use io_uring::{opcode, types, IoUring};
 
 use crate::direct::DirectIo;
 use crate::inline_write::InlineWrites;
+use crate::metrics::QueueMetrics;
 use crate::pagecache::PageCacheView;
 use crate::request::Iov;
 use vmm_sys_util::eventfd::EventFd;
@@ -381,7 +382,12 @@ pub enum Submitted {
 }
 
 impl QueueStorage {
-    pub fn new(image: &Arc<Image>, depth: u32) -> Result<Self, StorageError> {
+    /// One queue's storage; `metrics` are the queue's counters.
+    pub fn new(
+        image: &Arc<Image>,
+        depth: u32,
+        metrics: Arc<QueueMetrics>,
+    ) -> Result<Self, StorageError> {
         match &**image {
             Image::Null { .. } => Ok(QueueStorage::Null),
             Image::File { file, direct, .. } => {
@@ -390,7 +396,8 @@ impl QueueStorage {
                     None => UringQueue::new(file, depth)?,
                 };
                 if direct.is_none() {
-                    queue.inline = Some(InlineWrites::new(file).map_err(StorageError::Reopen)?);
+                    queue.inline =
+                        Some(InlineWrites::new(file, metrics).map_err(StorageError::Reopen)?);
                 }
                 Ok(QueueStorage::Uring(Box::new(queue)))
             }

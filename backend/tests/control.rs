@@ -70,6 +70,8 @@ fn query_stats_counts_what_the_client_did() {
     assert_eq!(t["read_ops"], 4);
     assert_eq!(t["errors"], 1);
     assert_eq!(t["in_flight"], 0);
+    // Writes to a file in the page cache do not block.
+    assert_eq!(t["blocked_writes"], 0);
     let p50 = t["latency_us"]["write"]["p50"].as_f64().unwrap();
     let p999 = t["latency_us"]["write"]["p999"].as_f64().unwrap();
     assert!(p50 > 0.0 && p50 <= p999, "{t}");
@@ -97,6 +99,10 @@ fn query_stats_counts_what_the_client_did() {
     assert_eq!(
         sample("vmcrypt_bytes_total", &[("queue", "1"), ("op", "read")]),
         12288.0
+    );
+    assert_eq!(
+        sample("vmcrypt_blocked_writes_total", &[("queue", "0")]),
+        0.0
     );
     assert_eq!(
         sample("vmcrypt_errors_total", &[("queue", "1"), ("op", "read")]),

@@ -3,8 +3,9 @@
 //!
 //! Names: `vmcrypt_requests_total`, `vmcrypt_bytes_total`,
 //! `vmcrypt_errors_total` and `vmcrypt_request_duration_seconds` (a
-//! histogram) with labels `queue` and `op`; `vmcrypt_refused_total` and
-//! `vmcrypt_requests_in_flight` per queue; `vmcrypt_capacity_bytes`,
+//! histogram) with labels `queue` and `op`; `vmcrypt_refused_total`,
+//! `vmcrypt_blocked_writes_total` and `vmcrypt_requests_in_flight` per
+//! queue; `vmcrypt_capacity_bytes`,
 //! `vmcrypt_frontend_connected` and `vmcrypt_uptime_seconds`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -153,6 +154,14 @@ impl Collector for Disk {
             "Descriptor chains refused before they became a request",
             MetricType::Counter,
             |q, f| ConstCounter::new(q.refused.get()).encode(f),
+        )?;
+        self.per_queue(
+            &mut enc,
+            "vmcrypt_blocked_writes",
+            "Buffered writes that blocked the queue's thread (dirty-page throttling); \
+             each sends the queue's writes through io_uring workers for a second",
+            MetricType::Counter,
+            |q, f| ConstCounter::new(q.blocked_writes.get()).encode(f),
         )?;
         self.per_queue(
             &mut enc,

@@ -11,6 +11,7 @@ struct Sums {
     bytes: [u64; 6],
     errors: u64,
     in_flight: u64,
+    blocked_writes: u64,
     hist: [Vec<u64>; 6],
 }
 
@@ -29,6 +30,7 @@ impl Sums {
         }
         self.errors += q.refused.get();
         self.in_flight += q.in_flight();
+        self.blocked_writes += q.blocked_writes.get();
     }
 
     fn to_json(&self, histograms: bool) -> Map<String, Value> {
@@ -40,6 +42,7 @@ impl Sums {
         m.insert("write_bytes".into(), self.bytes[1].into());
         m.insert("errors".into(), self.errors.into());
         m.insert("in_flight".into(), self.in_flight.into());
+        m.insert("blocked_writes".into(), self.blocked_writes.into());
         let mut lat = Map::new();
         for (i, name) in OP_NAMES.iter().enumerate() {
             if self.ops[i] == 0 {
