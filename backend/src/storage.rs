@@ -1,6 +1,7 @@
 //! Storage below the filter pipeline: the image file (or a null device),
 //! driven by one io_uring per queue so a single worker thread keeps many
-//! requests in flight.
+//! requests in flight. Buffered writes are the exception: the queue's
+//! thread makes them itself ([`crate::inline_write`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -40,8 +41,8 @@ pub enum StorageError {
     Empty { path: PathBuf },
     #[error("cannot set up io_uring (kernel too old or io_uring disabled?): {0}")]
     Uring(io::Error),
-    #[error("cannot open the image again for a queue's writes: {0}")]
-    Reopen(io::Error),
+    #[error("cannot duplicate the image's descriptor for a queue's writes: {0}")]
+    Dup(io::Error),
 }
 
 /// The storage a disk is served from.
@@ -391,14 +392,15 @@ impl QueueStorage {
         match &**image {
             Image::Null { .. } => Ok(QueueStorage::Null),
             Image::File { file, direct, .. } => {
-                let mut queue = match direct {
-                    Some(d) => UringQueue::new(&d.file, depth)?,
-                    None => UringQueue::new(file, depth)?,
+                let (ring_file, inline) = match direct {
+                    Some(d) => (&d.file, None),
+                    None => (
+                        file,
+                        Some(InlineWrites::new(file, metrics).map_err(StorageError::Dup)?),
+                    ),
                 };
-                if direct.is_none() {
-                    queue.inline =
-                        Some(InlineWrites::new(file, metrics).map_err(StorageError::Reopen)?);
-                }
+                let mut queue = UringQueue::new(ring_file, depth)?;
+                queue.inline = inline;
                 Ok(QueueStorage::Uring(Box::new(queue)))
             }
             Image::Rbd { rbd, .. } => Ok(QueueStorage::Rbd(Box::new(
