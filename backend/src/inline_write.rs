@@ -19,11 +19,11 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::metrics::QueueMetrics;
 use crate::request::Iov;
-use std::sync::Arc;
 
 /// How long writes go through the io_uring after one blocked.
 pub const BACK_OFF: Duration = Duration::from_secs(1);
@@ -94,11 +94,12 @@ impl InlineWrites {
         };
         let slow = self.slow_base + Duration::from_nanos(NS_PER_KIB * (len as u64 >> 10));
         let now = Instant::now();
-        if now.duration_since(start) > slow {
+        let took = now.duration_since(start);
+        if took > slow {
             self.backed_off = Some(now + BACK_OFF);
             self.metrics.blocked_write();
             tracing::debug!(
-                took_us = now.duration_since(start).as_micros() as u64,
+                took_us = took.as_micros() as u64,
                 len,
                 "a buffered write blocked; writes go through the io_uring for {BACK_OFF:?}"
             );
