@@ -108,9 +108,10 @@ pub struct ServeOptions {
     #[serde(default, rename = "filters")]
     pub filters: Vec<String>,
 
-    /// Longest time a queue thread busy-polls for new requests before it
-    /// sleeps, in microseconds; the window adapts to the load [default: 32].
-    /// 0 never polls (least CPU, higher latency).
+    /// Longest time a queue thread busy-polls for new requests (and, with
+    /// `--cache none`, for the completions of up to 4 requests at the
+    /// device) before it sleeps, in microseconds; the window adapts to the
+    /// load [default: 32]. 0 never polls (least CPU, higher latency).
     #[arg(long, value_name = "US")]
     pub poll_us: Option<u64>,
 
