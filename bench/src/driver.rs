@@ -154,6 +154,25 @@ pub fn run(
                 // Drain what is still in flight.
                 let mut timeout = Duration::from_secs(10);
                 let _ = q.do_io(&mut comps, w.depth, Some(&mut timeout), None);
+                // Writes end with a flush, outside the timed span (its CPU
+                // is the server's): a server must not leave the writes in
+                // its cache (librbd's) for the next one measured to pay
+                // for at the cluster.
+                if w.write {
+                    q.flush(usize::MAX, ReqFlags::empty());
+                    let mut timeout = Duration::from_secs(60);
+                    let n = q
+                        .do_io(&mut comps, 1, Some(&mut timeout), None)
+                        .map_err(|e| format!("flush: {e}"))?;
+                    if n == 0 {
+                        return Err("flush: no completion within 60 s".into());
+                    }
+                    // SAFETY: do_io initialised the first completion.
+                    let c = unsafe { comps[0].assume_init_read() };
+                    if c.ret != 0 {
+                        return Err(format!("flush failed: {}", c.ret));
+                    }
+                }
                 Ok((ios, all_ios, secs, lat))
             })
         })
