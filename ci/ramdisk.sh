@@ -32,11 +32,11 @@ up)
     ;;
 down)
     [ -n "$dir" ] || { echo "usage: $0 down DIR" >&2; exit 2; }
-    dev=$(findmnt -n -o SOURCE --target "$dir" || true)
     if mountpoint -q "$dir"; then
+        dev=$(findmnt -n -o SOURCE --mountpoint "$dir")
         umount "$dir"
+        case "$dev" in /dev/loop*) losetup -d "$dev" ;; esac
     fi
-    case "$dev" in /dev/loop*) losetup -d "$dev" ;; esac
     rm -f "$backing"
     echo "ramdisk: $dir released"
     ;;
