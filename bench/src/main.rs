@@ -444,16 +444,16 @@ fn main() {
     let span = args.size_mib << 20;
     let ceph = uses_rbd.then(|| Ceph::start(&dir));
     let pairs = pairs(&args, &dir, ceph.as_ref());
-    let cells_total: usize = pairs.len()
-        * WORKLOADS
-            .iter()
-            .filter(|w| {
-                args.only
-                    .as_ref()
-                    .is_none_or(|o| w.name.contains(o.as_str()))
-            })
-            .count()
-        * args.queues.len();
+    // The workloads `--only` selects, in table order.
+    let workloads: Vec<Workload> = WORKLOADS
+        .into_iter()
+        .filter(|w| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| w.name.contains(o.as_str()))
+        })
+        .collect();
+    let cells_total: usize = pairs.len() * workloads.len() * args.queues.len();
     let mut cells: Vec<Cell> = Vec::new();
     let mut ratios: Vec<(String, f64)> = Vec::new();
     // Every target's two servers run for the whole benchmark, and each
@@ -479,15 +479,11 @@ fn main() {
     // one, and on RBD 4 KiB random writes too: on a fresh cluster the first
     // write measurement of a run came out 20-40% faster than every later
     // one (25.8-28.4k IOPS against 18.5-20.4k), whichever target it was.
-    let first = WORKLOADS.iter().find(|w| {
-        args.only
-            .as_ref()
-            .is_none_or(|o| w.name.contains(o.as_str()))
-    });
     let randwrite = WORKLOADS.iter().find(|w| w.write && w.random);
-    for ((target, a, b), (sa, sb)) in pairs.iter().zip(&servers) {
-        let rbd = target.starts_with("rbd");
-        let warm_with = first
+    for ((_, a, b), (sa, sb)) in pairs.iter().zip(&servers) {
+        let rbd = matches!(a.target, Target::Rbd { .. });
+        let warm_with = workloads
+            .first()
             .into_iter()
             .chain(randwrite.filter(|_| rbd))
             .collect::<Vec<_>>();
@@ -502,11 +498,7 @@ fn main() {
         }
     }
     let mut done = 0;
-    for w in WORKLOADS.iter().filter(|w| {
-        args.only
-            .as_ref()
-            .is_none_or(|o| w.name.contains(o.as_str()))
-    }) {
+    for w in &workloads {
         for &q in &args.queues {
             // Per target: rounds and CPU seconds of server A and B.
             type Acc = (Vec<Measured>, Vec<Measured>, f64, f64);
