@@ -416,6 +416,7 @@ impl Partial {
         self.file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&self.path)
             .map_err(io(&self.path, "cannot open"))?;
         Ok(())
@@ -426,7 +427,17 @@ impl Partial {
         self.file
             .sync_all()
             .map_err(io(&self.path, "cannot sync"))?;
-        std::fs::rename(&self.path, dst).map_err(io(dst, "cannot rename the finished copy to"))?;
+        // Never over a DST that appeared since the start.
+        rename_noreplace(&self.path, dst).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                CommandError::Invalid(format!(
+                    "{}: created by someone else during the clone; it is not replaced",
+                    dst.display()
+                ))
+            } else {
+                io(dst, "cannot rename the finished copy to")(e)
+            }
+        })?;
         self.done = true;
         let dir = match dst.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
@@ -435,6 +446,31 @@ impl Partial {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io(dir, "cannot sync"))
+    }
+}
+
+/// `rename` that fails with EEXIST instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: NUL-terminated paths relative to the working directory.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -116,11 +116,35 @@ pub struct ServeOptions {
     pub poll_us: Option<u64>,
 
     /// Control socket (JSON-RPC 2.0, one object per line): status,
-    /// query-stats, metrics, set-throttle, resize, snapshot. Same mode and
-    /// group as the vhost-user socket. `vmcrypt ctl` and `vmcrypt top` are
-    /// its clients.
+    /// query-stats, metrics, set-throttle, resize, snapshot. It is the
+    /// daemon's admin API: its mode is --control-mode (not --socket-mode),
+    /// and only the users of --control-allow-uid may call it. `vmcrypt ctl`
+    /// and `vmcrypt top` are its clients.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+
+    /// Permissions of the control socket, octal [default: 0600]. Keep QEMU's
+    /// group out: a guest that subverts QEMU must not reach the admin API.
+    #[arg(long, value_name = "MODE")]
+    pub control_mode: Option<String>,
+
+    /// Group to give the control socket (with --control-mode 0660; the
+    /// caller's uid must still be allowed by --control-allow-uid).
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
+
+    /// A user (name or uid) allowed to call the control socket, checked
+    /// with the peer's credentials (SO_PEERCRED). Repeatable [default: the
+    /// daemon's own user and root].
+    #[arg(long = "control-allow-uid", value_name = "USER")]
+    #[serde(default)]
+    pub control_allow_uid: Vec<String>,
+
+    /// Folder where `snapshot` creates its files (a snapshot is named by
+    /// one file name, created in this folder only) [default: the image's
+    /// folder].
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_dir: Option<PathBuf>,
 
     /// Serve the counters for Prometheus at http://ADDR:PORT/metrics (e.g.
     /// 127.0.0.1:9864). Plain HTTP without authentication, read-only: bind
@@ -235,6 +259,16 @@ impl ServeOptions {
             control: self
                 .control
                 .or_else(|| file.control.map(|p| relative_to(&path, p))),
+            control_mode: self.control_mode.or(file.control_mode),
+            control_group: self.control_group.or(file.control_group),
+            control_allow_uid: if self.control_allow_uid.is_empty() {
+                file.control_allow_uid
+            } else {
+                self.control_allow_uid
+            },
+            snapshot_dir: self
+                .snapshot_dir
+                .or_else(|| file.snapshot_dir.map(|p| relative_to(&path, p))),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             socket_mode: self.socket_mode.or(file.socket_mode),
             socket_group: self.socket_group.or(file.socket_group),
@@ -304,6 +338,12 @@ pub struct ServeConfig {
     pub socket_mode: u32,
     pub socket_group: Option<String>,
     pub control: Option<PathBuf>,
+    pub control_mode: u32,
+    pub control_group: Option<String>,
+    /// The uids allowed to call the control socket.
+    pub control_allow: Vec<u32>,
+    /// Where snapshots are created (None: beside the image file).
+    pub snapshot_dir: Option<PathBuf>,
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub poll_us: u64,
     pub keys: crate::keys::KeySource,
@@ -384,17 +424,24 @@ impl TryFrom<ServeOptions> for ServeConfig {
                 }
             },
         };
-        let socket_mode = match o.socket_mode {
-            None => 0o600,
-            Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
-                .ok()
-                .filter(|m| *m <= 0o777)
-                .ok_or_else(|| {
-                    invalid(
-                        "socket-mode",
-                        format!("'{m}' is not an octal mode like 0660"),
-                    )
-                })?,
+        let socket_mode = parse_mode("socket-mode", o.socket_mode.as_deref())?;
+        let control_mode = parse_mode("control-mode", o.control_mode.as_deref())?;
+        let control_allow = if o.control_allow_uid.is_empty() {
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            if me == 0 {
+                vec![0]
+            } else {
+                vec![me, 0]
+            }
+        } else {
+            o.control_allow_uid
+                .iter()
+                .map(|u| {
+                    crate::listen::lookup_user(u)
+                        .ok_or_else(|| invalid("control-allow-uid", format!("unknown user '{u}'")))
+                })
+                .collect::<Result<Vec<_>, _>>()?
         };
         let filters = o
             .filters
@@ -428,6 +475,10 @@ impl TryFrom<ServeOptions> for ServeConfig {
             socket_mode,
             socket_group: o.socket_group,
             control: o.control,
+            control_mode,
+            control_group: o.control_group,
+            control_allow,
+            snapshot_dir: o.snapshot_dir,
             metrics_listen: o
                 .metrics_listen
                 .map(|a| {
@@ -459,6 +510,17 @@ impl TryFrom<ServeOptions> for ServeConfig {
                 _ => return Err(invalid("poll-us", "at most 1000")),
             },
         })
+    }
+}
+
+/// Parses an octal file mode such as `0660` [default: 0600].
+fn parse_mode(option: &'static str, m: Option<&str>) -> Result<u32, ConfigError> {
+    match m {
+        None => Ok(0o600),
+        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| invalid(option, format!("'{m}' is not an octal mode like 0660"))),
     }
 }
 

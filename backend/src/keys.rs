@@ -127,10 +127,13 @@ const DESCRIPTOR_HEAD: &str =
     "# vmcrypt key descriptor: names the key-encryption key that opens the\n\
 # LUKS key slot of the image beside it. It holds no secret.\n";
 
+/// What a key descriptor's file name adds to its image's.
+pub const DESCRIPTOR_SUFFIX: &str = ".vmcrypt";
+
 impl KeyDescriptor {
     pub fn path_for(image: &Path) -> PathBuf {
         let mut p = image.as_os_str().to_owned();
-        p.push(".vmcrypt");
+        p.push(DESCRIPTOR_SUFFIX);
         PathBuf::from(p)
     }
 
@@ -182,16 +185,22 @@ impl KeyDescriptor {
         };
         let text = self.text();
         let target = if replace {
-            path.with_extension("vmcrypt.tmp")
+            let tmp = path.with_extension("vmcrypt.tmp");
+            // A file left by a crash, or anything planted there (a symlink
+            // to a file of root's), is removed as a name, never written
+            // through.
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+                _ => tmp,
+            }
         } else {
             path.clone()
         };
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create_new(!replace)
-            .create(replace)
-            .truncate(true)
+            .create_new(true)
             .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&target)
             .map_err(err)?;
         f.write_all(text.as_bytes()).map_err(err)?;
@@ -461,10 +470,20 @@ mod tests {
             ..d
         };
         d2.store(&img, true).unwrap();
-        assert_eq!(KeyDescriptor::load(&img).unwrap(), Some(d2));
+        assert_eq!(KeyDescriptor::load(&img).unwrap(), Some(d2.clone()));
         assert_eq!(
             KeyDescriptor::path_for(&img),
             dir.path().join("disk.img.vmcrypt")
         );
+
+        // A symlink planted where the new descriptor is written first (as
+        // a user who may write the image's folder could, for a root
+        // `rekey`): its target is never written through.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("disk.img.vmcrypt.tmp")).unwrap();
+        d2.store(&img, true).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(KeyDescriptor::load(&img).unwrap(), Some(d2));
     }
 }

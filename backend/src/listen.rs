@@ -6,7 +6,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -219,13 +219,78 @@ pub(crate) fn bind(
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     let listener = bound.map_err(|e| err(format!("cannot bind: {e}")))?;
+    // By name, but never through a symlink: whatever replaced the socket
+    // in the folder since `bind` is not changed (a symlink fails).
     if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid))
+        std::os::unix::fs::lchown(path, None, Some(gid))
             .map_err(|e| err(format!("cannot set group: {e}")))?;
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| err(format!("cannot set mode: {e}")))?;
+    chmod_nofollow(path, mode).map_err(|e| err(format!("cannot set mode: {e}")))?;
     Ok(listener)
+}
+
+/// `chmod` that fails on a symlink instead of following it.
+fn chmod_nofollow(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))?;
+    // SAFETY: a NUL-terminated path and integer arguments.
+    let rc = unsafe {
+        libc::fchmodat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            mode as libc::mode_t,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The uid of a user named or numbered `u`.
+pub fn lookup_user(u: &str) -> Option<u32> {
+    if let Ok(uid) = u.parse() {
+        return Some(uid);
+    }
+    let name = CString::new(u).ok()?;
+    // SAFETY: getpwnam takes a NUL-terminated string and returns a pointer
+    // to static storage or null; we read one field before any other call.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        None
+    } else {
+        // SAFETY: pw is non-null and points to a valid struct passwd.
+        Some(unsafe { (*pw).pw_uid })
+    }
+}
+
+/// The credentials of the process at the other end of a unix socket, as
+/// the kernel recorded them at `connect` (`SO_PEERCRED`).
+pub fn peer_credentials(stream: &UnixStream) -> io::Result<libc::ucred> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred)
 }
 
 /// The id of a group named or numbered `g`.

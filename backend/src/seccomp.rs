@@ -25,11 +25,16 @@
 //! covers both harmless and dangerous uses (`socket`, `ioctl`, `fcntl`,
 //! `prctl`, `clone`, `mprotect`).
 //!
-//! Not covered: operations submitted through io_uring are not syscalls and
-//! seccomp never sees them. The rings only ever get the image's descriptors
-//! and vmcrypt's own buffers, but a subverted process could submit others.
+//! Operations submitted through io_uring are not syscalls and seccomp never
+//! sees them: the rings are made disabled, restricted to the few opcodes of
+//! the data path on the image's registered descriptor
+//! (`IORING_REGISTER_RESTRICTIONS`), then enabled (see `storage`). `clone3`
+//! fails with ENOSYS (its flags are out of seccomp's sight) so threads are
+//! made with `clone`, whose flags are checked; `tgkill` reaches this
+//! process's threads only; no mapping is made or changed to executable.
 
 use std::collections::BTreeMap;
+use std::os::fd::RawFd;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
@@ -65,21 +70,35 @@ pub enum SeccompError {
 /// process killed by the signal.
 pub const BLOCKED_EXIT: i32 = 128 + libc::SIGSYS;
 
+/// The folders a running daemon may still change, by descriptor (opened
+/// before the filter is installed). Everything is done with `openat` and
+/// `unlinkat` relative to them; a path anywhere else is refused.
+#[derive(Clone, Debug, Default)]
+pub struct FileRights {
+    /// Where the control threads may create new files (snapshots).
+    pub create_in: Option<RawFd>,
+    /// Where any thread may remove a name (the sockets vmcrypt bound, at
+    /// shutdown).
+    pub remove_in: Vec<RawFd>,
+}
+
 /// Installs the allow-list on every thread of the process (threads started
-/// later inherit it). Files may still be created, not opened: call
-/// [`confine_this_thread`] once the threads that create files have started.
+/// later inherit it). Files may still be created in `rights.create_in`,
+/// not opened: call [`confine_this_thread`] once the threads that create
+/// files have started.
 ///
 /// `network`: the storage is reached over the network (Ceph RBD): librados'
 /// threads may open TCP connections to the cluster (a monitor or OSD that
 /// restarts, a new OSD) for as long as the daemon runs.
-pub fn install(mode: SeccompMode, network: bool) -> Result<(), SeccompError> {
+pub fn install(mode: SeccompMode, network: bool, rights: &FileRights) -> Result<(), SeccompError> {
     let action = match mode {
         SeccompMode::Off => return Ok(()),
         SeccompMode::On => {
             install_sigsys_handler().map_err(SeccompError::Handler)?;
             // Stacked filters: the kernel takes the strictest answer, so an
             // open fails with EACCES although the allow-list lets it pass.
-            seccompiler::apply_filter_all_threads(&create_only_program()?)?;
+            seccompiler::apply_filter_all_threads(&create_only_program(rights)?)?;
+            seccompiler::apply_filter_all_threads(&enosys_program()?)?;
             SeccompAction::Trap
         }
         SeccompMode::Log => SeccompAction::Log,
@@ -95,10 +114,11 @@ pub fn install(mode: SeccompMode, network: bool) -> Result<(), SeccompError> {
 }
 
 /// Takes from this thread, and every thread it starts from now on, the
-/// right to create or remove files.
-pub fn confine_this_thread(mode: SeccompMode) -> Result<(), SeccompError> {
+/// right to create files, and to remove them anywhere but in
+/// `rights.remove_in`.
+pub fn confine_this_thread(mode: SeccompMode, rights: &FileRights) -> Result<(), SeccompError> {
     if mode == SeccompMode::On {
-        seccompiler::apply_filter(&no_open_program()?)?;
+        seccompiler::apply_filter(&no_open_program(&rights.remove_in)?)?;
     }
     Ok(())
 }
@@ -115,33 +135,67 @@ pub fn program_for(mismatch: SeccompAction, network: bool) -> Result<BpfProgram,
 
 /// Opening files fails with EACCES instead of ending the daemon: the C
 /// library opens `/proc/sys/vm/overcommit_memory` the first time a thread's
-/// heap shrinks, and does without it when that fails. Removing one fails
-/// the same way.
-pub fn no_open_program() -> Result<BpfProgram, SeccompError> {
-    let rules = open_syscalls()
-        .into_iter()
-        .chain(unlink_syscalls())
-        .map(|nr| (nr, vec![]))
-        .collect();
+/// heap shrinks, and does without it when that fails. Removing a file
+/// fails the same way, but for `unlinkat` in one of the folders `remove_in`.
+pub fn no_open_program(remove_in: &[RawFd]) -> Result<BpfProgram, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        open_syscalls().into_iter().map(|nr| (nr, vec![])).collect();
+    #[cfg(target_arch = "x86_64")]
+    rules.insert(libc::SYS_unlink, vec![]);
+    rules.insert(libc::SYS_unlinkat, outside(0, remove_in));
     compile(rules, SeccompAction::Allow, eacces())
 }
 
-/// Like [`no_open_program`], except that `open` and `openat` with
-/// `O_CREAT|O_EXCL` (a new file, never an existing one or a symlink) pass.
-pub fn create_only_program() -> Result<BpfProgram, SeccompError> {
-    let not_new = |arg| {
-        any_of([
-            masked_eq(arg, libc::O_CREAT as u64, 0),
-            masked_eq(arg, libc::O_EXCL as u64, 0),
-        ])
-    };
+/// Like [`no_open_program`], except that `openat` with `O_CREAT|O_EXCL`
+/// relative to `rights.create_in` (a new file in that folder, never an
+/// existing one or a symlink) passes, and so does `unlinkat` there.
+pub fn create_only_program(rights: &FileRights) -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    rules.insert(libc::SYS_openat, not_new(2));
+    let openat = match rights.create_in {
+        Some(dir) => any_of([
+            masked_eq(2, libc::O_CREAT as u64, 0),
+            masked_eq(2, libc::O_EXCL as u64, 0),
+            ne(0, dir as u64),
+        ]),
+        None => vec![],
+    };
+    rules.insert(libc::SYS_openat, openat);
+    // By path from the working directory, or with flags in memory seccomp
+    // cannot read: never.
     #[cfg(target_arch = "x86_64")]
-    rules.insert(libc::SYS_open, not_new(1));
-    // openat2 passes its flags in memory seccomp cannot read.
+    rules.insert(libc::SYS_open, vec![]);
     rules.insert(libc::SYS_openat2, vec![]);
+    #[cfg(target_arch = "x86_64")]
+    rules.insert(libc::SYS_unlink, vec![]);
+    let removable: Vec<RawFd> = rights
+        .remove_in
+        .iter()
+        .copied()
+        .chain(rights.create_in)
+        .collect();
+    rules.insert(libc::SYS_unlinkat, outside(0, &removable));
     compile(rules, SeccompAction::Allow, eacces())
+}
+
+/// `clone3` fails with ENOSYS: its flags are in memory seccomp cannot
+/// read, and the C library then makes threads with `clone`, whose flags
+/// the allow-list checks.
+pub fn enosys_program() -> Result<BpfProgram, SeccompError> {
+    let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
+    compile(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+    )
+}
+
+/// Rules that match when argument `arg` is none of `fds` (always, if
+/// `fds` is empty).
+fn outside(arg: u8, fds: &[RawFd]) -> Vec<SeccompRule> {
+    if fds.is_empty() {
+        return vec![];
+    }
+    vec![SeccompRule::new(fds.iter().map(|&fd| ne(arg, fd as u64)).collect()).expect("conditions")]
 }
 
 /// Compiles `rules` for this architecture: `matched` for a call a rule
@@ -161,13 +215,6 @@ fn eacces() -> SeccompAction {
     SeccompAction::Errno(libc::EACCES as u32)
 }
 
-fn unlink_syscalls() -> Vec<i64> {
-    let mut v = vec![libc::SYS_unlinkat];
-    #[cfg(target_arch = "x86_64")]
-    v.push(libc::SYS_unlink);
-    v
-}
-
 fn open_syscalls() -> Vec<i64> {
     let mut v = vec![libc::SYS_openat, libc::SYS_openat2];
     #[cfg(target_arch = "x86_64")]
@@ -178,6 +225,10 @@ fn open_syscalls() -> Vec<i64> {
 fn eq(arg: u8, value: u64) -> SeccompCondition {
     // Only fails for an argument index over 5.
     SeccompCondition::new(arg, Len::Dword, Op::Eq, value).expect("valid condition")
+}
+
+fn ne(arg: u8, value: u64) -> SeccompCondition {
+    SeccompCondition::new(arg, Len::Dword, Op::Ne, value).expect("valid condition")
 }
 
 fn masked_eq(arg: u8, mask: u64, value: u64) -> SeccompCondition {
@@ -248,8 +299,7 @@ fn allowed(network: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_unlink,
         libc::SYS_unlinkat,
         libc::SYS_syncfs,
-        // Guest memory, the in-flight region and the dirty log.
-        libc::SYS_mmap,
+        // Guest memory, the in-flight region and the dirty log (mmap: below).
         libc::SYS_munmap,
         libc::SYS_mremap,
         libc::SYS_madvise,
@@ -279,7 +329,6 @@ fn allowed(network: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_rt_sigaction,
         libc::SYS_rt_sigreturn,
         libc::SYS_rt_sigtimedwait,
-        libc::SYS_tgkill,
         libc::SYS_exit,
         libc::SYS_exit_group,
     ];
@@ -324,13 +373,21 @@ fn allowed(network: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
         )])
         .expect("one condition")],
     );
-    // No executable mappings made later.
-    m.insert(
-        libc::SYS_mprotect,
-        vec![
-            SeccompRule::new(vec![masked_eq(2, libc::PROT_EXEC as u64, 0)]).expect("one condition"),
-        ],
-    );
+    // No executable mappings made later, new or changed.
+    for nr in [libc::SYS_mprotect, libc::SYS_mmap] {
+        m.insert(
+            nr,
+            vec![
+                SeccompRule::new(vec![masked_eq(2, libc::PROT_EXEC as u64, 0)])
+                    .expect("one condition"),
+            ],
+        );
+    }
+    // Signals to this process's own threads only (the C library's
+    // pthread_kill, abort).
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    m.insert(libc::SYS_tgkill, any_of([eq(0, me as u64)]));
     m.insert(
         libc::SYS_fcntl,
         any_of(
@@ -455,8 +512,14 @@ mod tests {
             SeccompMode::Off => unreachable!(),
         };
         let program = program(action).unwrap();
-        let create_only = create_only_program().unwrap();
-        let no_open = no_open_program().unwrap();
+        let dir = TEST_DIR.load(std::sync::atomic::Ordering::SeqCst);
+        let rights = FileRights {
+            create_in: (dir >= 0).then_some(dir),
+            remove_in: vec![],
+        };
+        let create_only = create_only_program(&rights).unwrap();
+        let no_open = no_open_program(&rights.remove_in).unwrap();
+        let enosys = enosys_program().unwrap();
         // SAFETY: the child only calls async-signal-safe functions (sigaction,
         // prctl, seccomp, the syscalls in `f`, _exit) before exiting.
         unsafe {
@@ -468,6 +531,9 @@ mod tests {
                 }
                 if mode == SeccompMode::On && seccompiler::apply_filter(&create_only).is_err() {
                     libc::_exit(103);
+                }
+                if mode == SeccompMode::On && seccompiler::apply_filter(&enosys).is_err() {
+                    libc::_exit(105);
                 }
                 if confined && seccompiler::apply_filter(&no_open).is_err() {
                     libc::_exit(104);
@@ -549,15 +615,22 @@ mod tests {
         assert_eq!(exit_code(status), 0);
     }
 
-    /// Creates a new file in /tmp and removes it: 0 if both worked, 7 if
-    /// the creation failed with EACCES, 1 otherwise.
+    /// The folder the control threads may create files in, for the child
+    /// (-1: none). Tests that set it hold `DIR_LOCK`.
+    static TEST_DIR: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+    static DIR_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Creates a new file in `TEST_DIR` and removes it: 0 if both worked, 7
+    /// if the creation failed with EACCES, 8 if the removal did, 1 otherwise.
     fn create_new_file() -> i32 {
-        let path = c"/tmp/vmcrypt-seccomp-create-test";
-        // SAFETY: valid NUL-terminated path; plain syscalls.
+        let dir = TEST_DIR.load(std::sync::atomic::Ordering::SeqCst);
+        let name = c"new-file";
+        // SAFETY: valid NUL-terminated name; plain syscalls.
         unsafe {
-            libc::unlink(path.as_ptr());
-            let fd = libc::open(
-                path.as_ptr(),
+            libc::unlinkat(dir, name.as_ptr(), 0);
+            let fd = libc::openat(
+                dir,
+                name.as_ptr(),
                 libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
                 0o600,
             );
@@ -568,34 +641,134 @@ mod tests {
                 };
             }
             libc::close(fd);
-            i32::from(libc::unlink(path.as_ptr()) != 0)
+            if libc::unlinkat(dir, name.as_ptr(), 0) != 0 {
+                return match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EACCES) => 8,
+                    _ => 1,
+                };
+            }
+            0
+        }
+    }
+
+    /// 7 if `rc` is a failure with EACCES, else 1.
+    fn eacces_code(rc: libc::c_int) -> i32 {
+        match (rc, std::io::Error::last_os_error().raw_os_error()) {
+            (-1, Some(libc::EACCES)) => 7,
+            _ => 1,
         }
     }
 
     #[test]
-    fn only_the_control_threads_may_create_files() {
-        // Forked from a test process: the file may be left from a killed run.
-        let _ = std::fs::remove_file("/tmp/vmcrypt-seccomp-create-test");
-        assert_eq!(
+    fn only_the_control_threads_may_create_files_and_only_in_their_folder() {
+        let _lock = DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = crate::sys::open_dir(tmp.path()).unwrap();
+        TEST_DIR.store(
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        let outcome = (
             exit_code(in_child(SeccompMode::On, false, create_new_file)),
-            0
-        );
-        assert_eq!(
             exit_code(in_child(SeccompMode::On, true, create_new_file)),
-            7
+            // A new file anywhere else: by path, or relative to the working
+            // directory.
+            exit_code(in_child(SeccompMode::On, false, || {
+                // SAFETY: valid NUL-terminated path.
+                eacces_code(unsafe {
+                    libc::open(
+                        c"/tmp/vmcrypt-seccomp-elsewhere".as_ptr(),
+                        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                        0o600,
+                    )
+                })
+            })),
+            exit_code(in_child(SeccompMode::On, false, || {
+                // SAFETY: valid NUL-terminated path.
+                eacces_code(unsafe {
+                    libc::openat(
+                        libc::AT_FDCWD,
+                        c"vmcrypt-seccomp-elsewhere".as_ptr(),
+                        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                        0o600,
+                    )
+                })
+            })),
+            // Removing a file elsewhere.
+            exit_code(in_child(SeccompMode::On, false, || {
+                // SAFETY: valid NUL-terminated path.
+                eacces_code(unsafe { libc::unlink(c"/tmp/vmcrypt-seccomp-elsewhere".as_ptr()) })
+            })),
         );
+        TEST_DIR.store(-1, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(outcome, (0, 7, 7, 7, 7));
         // Neither may open an existing file, for reading or writing.
         for confined in [false, true] {
             let status = in_child(SeccompMode::On, confined, || {
                 // SAFETY: valid NUL-terminated path.
-                let fd = unsafe { libc::open(c"/tmp".as_ptr(), libc::O_RDONLY | libc::O_CREAT, 0) };
-                match (fd, std::io::Error::last_os_error().raw_os_error()) {
-                    (-1, Some(libc::EACCES)) => 7,
-                    _ => 1,
-                }
+                eacces_code(unsafe {
+                    libc::open(c"/tmp".as_ptr(), libc::O_RDONLY | libc::O_CREAT, 0)
+                })
             });
             assert_eq!(exit_code(status), 7, "confined: {confined}");
         }
+    }
+
+    /// What a subverted daemon would use to run code of its own or to
+    /// signal other processes: refused.
+    #[test]
+    fn executable_mappings_and_signals_to_others_are_refused() {
+        let status = in_filtered_child(SeccompMode::On, || {
+            // SAFETY: an anonymous mapping, never touched.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            i32::from(p == libc::MAP_FAILED)
+        });
+        assert_eq!(exit_code(status), BLOCKED_EXIT);
+        let status = in_filtered_child(SeccompMode::On, || {
+            // SAFETY: signal 0 only checks; pid 1 is not this process.
+            unsafe { libc::syscall(libc::SYS_tgkill, 1, 1, 0) as i32 }
+        });
+        assert_eq!(exit_code(status), BLOCKED_EXIT);
+        // Plain mappings still work.
+        let status = in_filtered_child(SeccompMode::On, || {
+            // SAFETY: an anonymous mapping, unmapped again.
+            unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                i32::from(p == libc::MAP_FAILED || libc::munmap(p, 4096) != 0)
+            }
+        });
+        assert_eq!(exit_code(status), 0);
+    }
+
+    /// clone3 says ENOSYS, so the C library makes threads with clone, whose
+    /// flags the filter checks.
+    #[test]
+    fn clone3_is_not_available() {
+        let status = in_filtered_child(SeccompMode::On, || {
+            // SAFETY: clone3 with a null argument; it fails either way.
+            let rc = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+            match (rc, std::io::Error::last_os_error().raw_os_error()) {
+                (-1, Some(libc::ENOSYS)) => 9,
+                _ => 1,
+            }
+        });
+        assert_eq!(exit_code(status), 9);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! per connection, the image kept open across them), and handles signals.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -48,6 +48,12 @@ pub enum ServeError {
     Control(#[source] io::Error),
     #[error(transparent)]
     Rbd(#[from] crate::rbd::RbdError),
+    #[error("{what} {path}: {source}")]
+    Folder {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("--metrics-listen {addr}: cannot listen: {source}")]
     MetricsListen {
         addr: std::net::SocketAddr,
@@ -65,7 +71,7 @@ const MAX_WRITE_ZEROES: u64 = 8 << 20;
 /// What the signal thread needs to shut down cleanly.
 struct Shared {
     /// The socket file to remove at shutdown, if vmcrypt created it.
-    socket: Option<PathBuf>,
+    socket: Option<SocketFile>,
     /// The control socket, removed at shutdown.
     control: Option<SocketFile>,
     image: Arc<Image>,
@@ -88,12 +94,13 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // any thread starts, and a bad handed-in fd fails before keys are
     // fetched.
     let listening = listen::open(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
-    let owned = listening.owned_path.clone();
-    let r = open_and_serve(cfg, listening);
-    if let Some(path) = owned {
-        let _ = std::fs::remove_file(path);
-    }
-    r
+    // Removed by its folder's descriptor: the daemon confined by seccomp
+    // may remove names there, and nowhere else.
+    let owned = match &listening.owned_path {
+        Some(path) => Some(SocketFile::new(path, "the socket's folder")?),
+        None => None,
+    };
+    open_and_serve(cfg, listening, owned)
 }
 
 /// What `serve` found out while opening the image, for the control socket.
@@ -108,9 +115,13 @@ struct Opened {
     descriptor: Option<KeyDescriptor>,
 }
 
-fn open_and_serve(cfg: ServeConfig, listening: Listening) -> Result<(), ServeError> {
+fn open_and_serve(
+    cfg: ServeConfig,
+    listening: Listening,
+    socket: Option<SocketFile>,
+) -> Result<(), ServeError> {
     let opened = open(&cfg)?;
-    serve_image(cfg, listening, opened)
+    serve_image(cfg, listening, socket, opened)
 }
 
 /// Builds the filters and opens the image (unlocking it for a LUKS one).
@@ -253,7 +264,12 @@ fn open_direct(
 }
 
 /// Serves an opened image through its filters on `listening`.
-fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result<(), ServeError> {
+fn serve_image(
+    cfg: ServeConfig,
+    listening: Listening,
+    socket: Option<SocketFile>,
+    opened: Opened,
+) -> Result<(), ServeError> {
     let image = Arc::new(opened.image);
     let filters = opened.filters;
     let mut serial = [0u8; ID_BYTES];
@@ -283,6 +299,26 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
     let connected = Arc::new(AtomicBool::new(false));
     let current: Arc<Mutex<Option<BlockDevice>>> = Arc::default();
     // What the control socket and the metrics endpoint work on.
+    // Where snapshots go: --snapshot-dir, else the image's own folder; held
+    // open, as the daemon opens no path once confined.
+    let snapshot_dir = match (&cfg.snapshot_dir, &cfg.image) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, ImageSpec::File(path)) => Some(match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }),
+        _ => None,
+    };
+    let snapshot_dir = match snapshot_dir {
+        Some(path) if cfg.control.is_some() => Some(
+            crate::control::SnapshotDir::open(&path).map_err(|source| ServeError::Folder {
+                what: "--snapshot-dir",
+                path,
+                source,
+            })?,
+        ),
+        _ => None,
+    };
     let control = (cfg.control.is_some() || cfg.metrics_listen.is_some()).then(|| {
         Arc::new(Control {
             info: status_info(&cfg, opened.format, opened.key.clone(), &filters),
@@ -301,14 +337,17 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
                 device: current.clone(),
                 descriptor: opened.descriptor.clone(),
                 read_only: cfg.read_only,
+                snapshot_dir,
             },
         })
     });
     // Both are bound now, while binding is still allowed.
+    // The admin API: a mode and group of its own, never the vhost-user
+    // socket's (QEMU's group is no admin).
     let control_socket = match &cfg.control {
         Some(path) => Some((
-            listen::bind(path, cfg.socket_mode, cfg.socket_group.as_deref())?,
-            SocketFile(path.clone()),
+            listen::bind(path, cfg.control_mode, cfg.control_group.as_deref())?,
+            SocketFile::new(path, "the control socket's folder")?,
         )),
         None => None,
     };
@@ -334,16 +373,33 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
     // opens no file: narrow the syscalls it may make. The control thread
     // may still create new files (snapshots); the threads started after
     // it, which serve the guest, may not.
-    crate::seccomp::install(cfg.seccomp, matches!(cfg.image, ImageSpec::Rbd(_)))?;
+    let rights = crate::seccomp::FileRights {
+        create_in: control
+            .as_ref()
+            .and_then(|c| c.served.snapshot_dir.as_ref())
+            .map(|d| d.fd()),
+        remove_in: socket
+            .iter()
+            .chain(control_socket.as_ref().map(|(_, f)| f))
+            .map(|f| f.0.dir_fd())
+            .collect(),
+    };
+    crate::seccomp::install(cfg.seccomp, matches!(cfg.image, ImageSpec::Rbd(_)), &rights)?;
     let control_file = match (control_socket, &control) {
         (Some((listener, file)), Some(control)) => {
-            crate::control::spawn(listener, control.clone()).map_err(ServeError::Control)?;
-            tracing::info!(socket = %file.0.display(), "control socket listening");
+            crate::control::spawn(listener, control.clone(), cfg.control_allow.clone())
+                .map_err(ServeError::Control)?;
+            tracing::info!(
+                socket = %file.0.path().display(),
+                mode = format!("{:04o}", cfg.control_mode),
+                allowed_uids = ?cfg.control_allow,
+                "control socket listening"
+            );
             Some(file)
         }
         _ => None,
     };
-    crate::seccomp::confine_this_thread(cfg.seccomp)?;
+    crate::seccomp::confine_this_thread(cfg.seccomp, &rights)?;
     if let (Some(listener), Some(control)) = (metrics_socket, &control) {
         let address = listener.local_addr().map_err(ServeError::Control)?;
         crate::control::http::spawn(listener, control.clone()).map_err(ServeError::Control)?;
@@ -352,7 +408,7 @@ fn serve_image(cfg: ServeConfig, listening: Listening, opened: Opened) -> Result
 
     let handover = Arc::new(Handover::new(image.clone(), cfg.read_only));
     let shared = Arc::new(Shared {
-        socket: listening.owned_path.clone(),
+        socket,
         control: control_file,
         image: image.clone(),
         filters: filters.clone(),
@@ -449,11 +505,32 @@ fn status_info(
 
 /// A socket file vmcrypt bound: removed when `serve` returns with an
 /// error (shutdown removes it by hand, as it exits without unwinding).
-struct SocketFile(PathBuf);
+/// Removed through its folder's descriptor, which seccomp allows.
+struct SocketFile(crate::sys::NameInDir);
+
+impl SocketFile {
+    fn new(path: &Path, what: &'static str) -> Result<SocketFile, ServeError> {
+        crate::sys::NameInDir::new(path)
+            .map(SocketFile)
+            .map_err(|source| ServeError::Folder {
+                what,
+                path: path.parent().unwrap_or(path).into(),
+                source,
+            })
+    }
+
+    fn remove(&self) {
+        if let Err(e) = self.0.remove() {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(socket = %self.0.path().display(), "removing the socket file: {e}");
+            }
+        }
+    }
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        self.remove();
     }
 }
 
@@ -496,11 +573,8 @@ fn signal_loop(set: libc::sigset_t, shared: &Shared) {
 fn shutdown(shared: &Shared, sig: libc::c_int) -> ! {
     tracing::info!(signal = sig, "shutting down: completing requests in flight");
     crate::notify::notify("STOPPING=1");
-    if let Some(path) = &shared.socket {
-        let _ = std::fs::remove_file(path);
-    }
-    if let Some(file) = &shared.control {
-        let _ = std::fs::remove_file(&file.0);
+    for file in shared.socket.iter().chain(&shared.control) {
+        file.remove();
     }
     if let Some(dev) = lock(&shared.current).as_ref() {
         dev.stop();

@@ -157,7 +157,7 @@ impl Image {
                 }
             }
         }
-        let Image::File { file, path, .. } = self else {
+        let (Some(file), Image::File { path, .. }) = (self.ring_file(), self) else {
             return Ok(());
         };
         let op = if read_only {
@@ -183,9 +183,25 @@ impl Image {
         if let Image::Rbd { rbd, .. } = self {
             rbd.unlock();
         }
-        if let Image::File { file, .. } = self {
+        if let Some(file) = self.ring_file() {
             // SAFETY: flock on a valid, open file descriptor.
             unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
+
+    /// The descriptor the queues' rings write through: the `O_DIRECT` one
+    /// with `--cache none`, else the image's own. The image lock is taken
+    /// on this open file, so it lasts as long as the rings' references to
+    /// it: after a SIGKILL the kernel releases a ring's files only once its
+    /// requests are done, and until then no successor gets the lock and
+    /// writes under a late write of the dead daemon.
+    pub fn ring_file(&self) -> Option<&File> {
+        match self {
+            Image::File {
+                direct: Some(d), ..
+            } => Some(&d.file),
+            Image::File { file, .. } => Some(file),
+            _ => None,
         }
     }
 
@@ -392,13 +408,11 @@ impl QueueStorage {
         match &**image {
             Image::Null { .. } => Ok(QueueStorage::Null),
             Image::File { file, direct, .. } => {
-                let (ring_file, inline) = match direct {
-                    Some(d) => (&d.file, None),
-                    None => (
-                        file,
-                        Some(InlineWrites::new(file, metrics).map_err(StorageError::Dup)?),
-                    ),
+                let inline = match direct {
+                    Some(_) => None,
+                    None => Some(InlineWrites::new(file, metrics).map_err(StorageError::Dup)?),
                 };
+                let ring_file = image.ring_file().expect("a file image");
                 let mut queue = UringQueue::new(ring_file, depth)?;
                 queue.inline = inline;
                 Ok(QueueStorage::Uring(Box::new(queue)))
@@ -530,17 +544,42 @@ pub struct UringQueue {
 }
 
 impl UringQueue {
+    /// A ring that can only do the data path's operations on `file`: it is
+    /// made disabled, given the image as fixed file 0 and its eventfd, then
+    /// restricted (`IORING_REGISTER_RESTRICTIONS`) to read, write, fsync
+    /// and fallocate on fixed files, with no further registration, and
+    /// only then enabled. A subverted daemon cannot use it to open files
+    /// or sockets, which seccomp would not see.
     fn new(file: &File, depth: u32) -> Result<Self, StorageError> {
+        use io_uring::register::Restriction;
+        use io_uring::squeue::Flags;
         let ring = IoUring::builder()
             .setup_cqsize(depth.max(1) * 2)
+            .setup_r_disabled()
             .build(depth.max(1).next_power_of_two())
             .map_err(StorageError::Uring)?;
-        ring.submitter()
+        let submitter = ring.submitter();
+        submitter
             .register_files(&[file.as_raw_fd()])
             .map_err(StorageError::Uring)?;
         let eventfd = crate::sys::completion_eventfd().map_err(StorageError::Uring)?;
-        ring.submitter()
+        submitter
             .register_eventfd(eventfd.as_raw_fd())
+            .map_err(StorageError::Uring)?;
+        let mut restrictions = [
+            Restriction::sqe_op(opcode::Read::CODE),
+            Restriction::sqe_op(opcode::Readv::CODE),
+            Restriction::sqe_op(opcode::Write::CODE),
+            Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_op(opcode::Fsync::CODE),
+            Restriction::sqe_op(opcode::Fallocate::CODE),
+            Restriction::sqe_flags_required(Flags::FIXED_FILE.bits()),
+        ];
+        submitter
+            .register_restrictions(&mut restrictions)
+            .map_err(StorageError::Uring)?;
+        submitter
+            .register_enable_rings()
             .map_err(StorageError::Uring)?;
         Ok(UringQueue {
             ring,
@@ -670,6 +709,76 @@ impl UringQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ring does the data path's operations on the image and nothing
+    /// else: an OPENAT of /etc/passwd, or a read of another descriptor,
+    /// fails in the kernel.
+    #[test]
+    fn the_ring_refuses_what_the_data_path_never_does() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 << 20).unwrap();
+        let mut q = UringQueue::new(&file, 4).unwrap();
+        let mut buf = [0u8; 512];
+        let other = std::fs::File::open("/etc/passwd").unwrap();
+        let entries = [
+            opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), c"/etc/passwd".as_ptr())
+                .build()
+                .user_data(1),
+            opcode::Read::new(types::Fd(other.as_raw_fd()), buf.as_mut_ptr(), 512)
+                .build()
+                .user_data(2),
+            opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), 512)
+                .build()
+                .user_data(3),
+        ];
+        for e in &entries {
+            // SAFETY: the path and the buffer outlive the ring's work, which
+            // is waited for below.
+            unsafe { q.ring.submission().push(e).unwrap() };
+        }
+        // A refused entry may end the submission early: submit until all
+        // three have completions.
+        let mut results = std::collections::BTreeMap::new();
+        while results.len() < 3 {
+            let _ = q.ring.submit_and_wait(1);
+            for cqe in q.ring.completion() {
+                results.insert(cqe.user_data(), cqe.result());
+            }
+        }
+        assert_eq!(results[&1], -libc::EACCES, "OPENAT went through");
+        assert_eq!(
+            results[&2],
+            -libc::EACCES,
+            "a read of another fd went through"
+        );
+        assert_eq!(results[&3], 512);
+    }
+
+    /// With `--cache none` the image lock is on the descriptor the rings
+    /// write through: a daemon that dies closes its own descriptors, but
+    /// the lock stays until its ring lets go of the file (after its last
+    /// request), so no successor writes under a late write of the dead one.
+    #[test]
+    fn with_direct_io_the_lock_lasts_as_long_as_the_rings() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("img");
+        File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let direct = crate::direct::open(&path, false, 512, 0).unwrap();
+        let image = Image::from_file(open(&path, false).unwrap(), &path, 0, 512, Some(direct));
+        let image = Arc::new(image.unwrap());
+        image.lock(false, Duration::ZERO).unwrap();
+        let queue = QueueStorage::new(&image, 4, Arc::default()).unwrap();
+        // The daemon's own descriptors close; its ring still has the file.
+        drop(image);
+        let successor = Image::from_file(open(&path, false).unwrap(), &path, 0, 512, None).unwrap();
+        assert!(
+            successor.lock(false, Duration::ZERO).is_err(),
+            "the lock went with the daemon's descriptors while its ring could still write"
+        );
+        drop(queue);
+        // The ring lets go of the file asynchronously.
+        successor.lock(false, Duration::from_secs(10)).unwrap();
+    }
 
     /// More operations than the rings hold, pushed with no reaping in
     /// between: every one is submitted and completes once, with its tag.

@@ -144,3 +144,65 @@ pub fn install_siginfo_handler(signal: libc::c_int, handler: SiginfoHandler) -> 
     }
     Ok(())
 }
+
+/// A name in a folder held open by descriptor: removed with `unlinkat` on
+/// that descriptor, which seccomp can tell apart from a removal anywhere
+/// else (see `seccomp::FileRights`).
+#[derive(Debug)]
+pub struct NameInDir {
+    dir: std::sync::Arc<std::os::fd::OwnedFd>,
+    name: std::ffi::CString,
+    path: std::path::PathBuf,
+}
+
+impl NameInDir {
+    /// Opens `path`'s folder; `path` must end in a file name.
+    pub fn new(path: &std::path::Path) -> io::Result<NameInDir> {
+        use std::os::unix::ffi::OsStrExt;
+        let name = path
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        let dir = open_dir(parent)?;
+        Ok(NameInDir {
+            dir: std::sync::Arc::new(dir),
+            name: std::ffi::CString::new(name.as_bytes())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the name"))?,
+            path: path.into(),
+        })
+    }
+
+    /// The folder's descriptor.
+    pub fn dir_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.dir.as_raw_fd()
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Removes the name (not what a symlink there points to).
+    pub fn remove(&self) -> io::Result<()> {
+        // SAFETY: a valid folder descriptor and a NUL-terminated name.
+        if unsafe { libc::unlinkat(self.dir_fd(), self.name.as_ptr(), 0) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+/// Opens a folder for `openat`/`unlinkat`/`fsync` (never a symlink's target
+/// in its last component).
+pub fn open_dir(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)?;
+    Ok(f.into())
+}

@@ -694,3 +694,168 @@ fn metrics_over_http_and_top_show_live_io() {
     assert_ne!(total[6], "-", "no read latency:\n{text}");
     assert!(d.child_alive());
 }
+
+fn mode_of(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// `vmcrypt ctl ... status` run as `uid` (and its group): (success, output).
+fn ctl_as(uid: u32, control: &Path) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(BIN)
+        .args(["ctl", "--control", control.to_str().unwrap(), "status"])
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The control socket is the admin API: it never takes the vhost-user
+/// socket's mode and group (QEMU's, which a guest may subvert), and a
+/// client whose uid is not allowed is refused even where the socket's mode
+/// lets it connect.
+#[test]
+fn the_control_socket_is_for_the_allowed_users_only() {
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (d, control) = serve(
+        dir.path(),
+        &["--socket-mode", "0660", "--socket-group", "daemon"],
+    );
+    assert_eq!(mode_of(&d.socket), 0o660);
+    assert_eq!(
+        mode_of(&control),
+        0o600,
+        "the control socket took the data socket's mode"
+    );
+    let (ok, _) = ctl_as(NOBODY, &control);
+    assert!(!ok, "nobody reached a 0600 control socket");
+    drop(d);
+
+    // Open to everyone by mode: the uid check still refuses.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (d, control) = serve(dir.path(), &["--control-mode", "0666"]);
+    assert_eq!(mode_of(&control), 0o666);
+    let (ok, text) = ctl_as(NOBODY, &control);
+    assert!(!ok && text.contains("not allowed"), "{text}");
+    let (ok, text) = ctl_as(0, &control);
+    assert!(ok && text.contains("device_running"), "{text}");
+    drop(d);
+
+    // An allowed user gets in.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_d, control) = serve(
+        dir.path(),
+        &["--control-mode", "0666", "--control-allow-uid", "nobody"],
+    );
+    let (ok, text) = ctl_as(NOBODY, &control);
+    assert!(ok && text.contains("device_running"), "{text}");
+}
+
+/// A snapshot is made in the snapshot folder only (--snapshot-dir, else
+/// the image's): a name with a '/', a path elsewhere or a planted symlink
+/// is refused before any file exists, and nothing outside is touched.
+#[test]
+fn snapshots_are_made_in_their_folder_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (_d, control) = serve(dir.path(), &[]);
+    let mut rpc = Rpc::connect(&control);
+    let outside = elsewhere.path().join("authorized_keys2");
+    let a = rpc.call("snapshot", json!({"path": outside.to_str().unwrap()}));
+    assert!(error_message(&a).contains("only"), "{a}");
+    assert!(!outside.exists());
+    for name in ["../x.img", "a/b", "..", ".", "", ".hidden", "x.img.vmcrypt"] {
+        let a = rpc.call("snapshot", json!({ "name": name }));
+        assert!(error_message(&a).contains("snapshot name"), "{name}: {a}");
+    }
+    let before: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    // A symlink planted under the new name: never followed.
+    let victim = elsewhere.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join("planted.img")).unwrap();
+    let a = rpc.call("snapshot", json!({"name": "planted.img"}));
+    assert!(error_message(&a).contains("already exists"), "{a}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    // A good name reaches the reflink, which ext4 refuses: no file left.
+    let a = rpc.call("snapshot", json!({"name": "monday.img"}));
+    assert!(error_message(&a).contains("no reflinks"), "{a}");
+    assert!(!dir.path().join("monday.img").exists());
+    let mut after: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    after.retain(|n| n != "planted.img");
+    assert_eq!(before.len(), after.len(), "{before:?} -> {after:?}");
+    drop(_d);
+
+    // --snapshot-dir moves them; a path in it is as good as its name.
+    let dir = tempfile::tempdir().unwrap();
+    let snaps = tempfile::tempdir().unwrap();
+    let (_d, control) = serve(
+        dir.path(),
+        &["--snapshot-dir", snaps.path().to_str().unwrap()],
+    );
+    let mut rpc = Rpc::connect(&control);
+    let a = rpc.call("snapshot", json!({"name": "tuesday.img"}));
+    let m = error_message(&a);
+    assert!(
+        m.contains("no reflinks") && m.contains(snaps.path().to_str().unwrap()),
+        "{a}"
+    );
+    let a = rpc.call(
+        "snapshot",
+        json!({"path": snaps.path().join("w.img").to_str().unwrap()}),
+    );
+    assert!(error_message(&a).contains("no reflinks"), "{a}");
+    let a = rpc.call(
+        "snapshot",
+        json!({"path": dir.path().join("w.img").to_str().unwrap()}),
+    );
+    assert!(error_message(&a).contains("only"), "{a}");
+}
+
+/// At SIGTERM both socket files go, with the seccomp filter on (which
+/// lets a confined thread remove names only in the sockets' folders).
+#[test]
+fn sigterm_removes_both_socket_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, control) = serve(dir.path(), &[]);
+    d.wait_for_log("seccomp filter installed");
+    let socket = d.socket.clone();
+    assert!(d.terminate().success());
+    assert!(!socket.exists(), "the vhost-user socket stayed");
+    assert!(!control.exists(), "the control socket stayed");
+}
+
+/// All 32 client slots held by idle clients: a 33rd still gets its answer,
+/// in the slot of the one idle the longest.
+#[test]
+fn idle_clients_never_lock_the_operator_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, control) = serve(dir.path(), &[]);
+    let idle: Vec<UnixStream> = (0..40)
+        .map(|_| UnixStream::connect(&control).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    let mut rpc = Rpc::connect(&control);
+    let s = rpc.result("status", json!({}));
+    assert!(s["device_running"].is_boolean(), "{s}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    drop(idle);
+}

@@ -74,12 +74,18 @@ impl Client {
             path: self.path.clone(),
             source,
         };
-        self.writer.write_all(line.as_bytes()).map_err(io)?;
+        // A daemon that refuses this client says why and closes at once:
+        // its answer may be there although the request could not be sent.
+        let sent = self.writer.write_all(line.as_bytes());
         let mut answer = String::new();
-        if self.reader.read_line(&mut answer).map_err(io)? == 0 {
-            return Err(ClientError::NoAnswer {
-                path: self.path.clone(),
-            });
+        match (sent, self.reader.read_line(&mut answer)) {
+            (_, Ok(n)) if n > 0 => {}
+            (Err(e), _) | (Ok(()), Err(e)) => return Err(io(e)),
+            (Ok(()), Ok(_)) => {
+                return Err(ClientError::NoAnswer {
+                    path: self.path.clone(),
+                })
+            }
         }
         let bad = |reason: String| ClientError::BadAnswer {
             path: self.path.clone(),

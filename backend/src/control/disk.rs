@@ -9,10 +9,9 @@
 //! milliseconds whatever the size; a file system without reflinks is refused rather
 //! than holding the guest for a full copy.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -36,6 +35,101 @@ pub struct Served {
     /// The encrypted image's key descriptor, copied beside a snapshot.
     pub descriptor: Option<KeyDescriptor>,
     pub read_only: bool,
+    /// The one folder snapshots are created in (file images only).
+    pub snapshot_dir: Option<SnapshotDir>,
+}
+
+/// The folder snapshots are made in (`--snapshot-dir`, else the image's):
+/// held open from the start, and every file made relative to it with
+/// `openat`, so a snapshot can land nowhere else, whatever name a client
+/// sends and whatever the folder's path points to later.
+#[derive(Debug)]
+pub struct SnapshotDir {
+    dir: std::os::fd::OwnedFd,
+    path: PathBuf,
+}
+
+impl SnapshotDir {
+    pub fn open(path: &Path) -> io::Result<SnapshotDir> {
+        Ok(SnapshotDir {
+            dir: crate::sys::open_dir(path)?,
+            path: path.into(),
+        })
+    }
+
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.dir.as_raw_fd()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file name a request names: `{"name": "NAME"}`, or
+    /// `{"path": "/abs/DIR/NAME"}` whose folder is this one.
+    fn name_in(&self, params: &Value) -> Result<String, RpcError> {
+        let obj = params.as_object();
+        let field = |k: &str| obj.and_then(|o| o.get(k)).and_then(Value::as_str);
+        let usage = || {
+            RpcError::invalid_params(format!(
+                "expected {{\"name\": \"NEW-FILE\"}} (created in {})",
+                self.path.display()
+            ))
+        };
+        if let Some(name) = field("name") {
+            check_name(name)?;
+            return Ok(name.into());
+        }
+        let path = PathBuf::from(field("path").ok_or_else(usage)?);
+        if !path.is_absolute() {
+            return Err(RpcError::invalid_params(format!(
+                "path {}: must be absolute (the daemon's working directory is not the client's); \
+                 or give {{\"name\": \"NEW-FILE\"}}",
+                path.display()
+            )));
+        }
+        let outside = || {
+            RpcError::invalid_params(format!(
+                "path {}: snapshots are created in {} only (--snapshot-dir)",
+                path.display(),
+                self.path.display()
+            ))
+        };
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(outside());
+        };
+        let name = name.to_str().ok_or_else(outside)?;
+        check_name(name)?;
+        use std::os::unix::fs::MetadataExt;
+        let here = std::fs::metadata(format!("/proc/self/fd/{}", self.fd()));
+        let there = std::fs::metadata(parent);
+        match (here, there) {
+            (Ok(a), Ok(b)) if (a.dev(), a.ino()) == (b.dev(), b.ino()) => Ok(name.into()),
+            _ => Err(outside()),
+        }
+    }
+}
+
+/// A snapshot's name: one path component, no hidden or special names.
+fn check_name(name: &str) -> Result<(), RpcError> {
+    let bad = |why: &str| {
+        Err(RpcError::invalid_params(format!(
+            "snapshot name '{name}': {why}"
+        )))
+    };
+    if name.is_empty() || name.len() > 255 {
+        return bad("must be 1 to 255 bytes");
+    }
+    if name.contains('/') || name.contains('\0') {
+        return bad("must be one file name, without '/'");
+    }
+    if name.starts_with('.') {
+        return bad("must not start with '.'");
+    }
+    if name.ends_with(crate::keys::DESCRIPTOR_SUFFIX) {
+        return bad("that ending is the key descriptor's");
+    }
+    Ok(())
 }
 
 /// `notify-guest`: interrupts the guest on every running queue, as the
@@ -142,37 +236,32 @@ fn size_param(params: &Value) -> Result<u64, RpcError> {
 const PRESYNC_ROUNDS: usize = 4;
 const PRESYNC_SHORT: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// `snapshot {path}`: a point-in-time copy of the disk at `path` (new,
-/// absolute), taken with a reflink while the queues are held.
+/// `snapshot {name}`: a point-in-time copy of the disk as the new file
+/// NAME in the snapshot folder, taken with a reflink while the queues are
+/// held. `{path}` is accepted too when its folder is the snapshot folder.
 pub fn snapshot(s: &Served, params: &Value) -> Result<Value, RpcError> {
     if let Image::Rbd { rbd, .. } = &*s.image {
         return snapshot_rbd(s, rbd, params);
-    }
-    let path = params
-        .as_object()
-        .and_then(|o| o.get("path"))
-        .and_then(Value::as_str)
-        .map(PathBuf::from)
-        .ok_or_else(|| RpcError::invalid_params("expected {\"path\": \"/absolute/new/file\"}"))?;
-    if !path.is_absolute() {
-        return Err(RpcError::invalid_params(format!(
-            "path {}: must be absolute (the daemon's working directory is not the client's)",
-            path.display()
-        )));
     }
     if matches!(*s.image, Image::Null { .. }) {
         return Err(RpcError::invalid_params(
             "a null device has no data to snapshot",
         ));
     }
+    let dir = s.snapshot_dir.as_ref().ok_or_else(|| {
+        RpcError::server("snapshots are not enabled for this disk (no snapshot folder)")
+    })?;
+    let name = dir.name_in(params)?;
+    let path = dir.path().join(&name);
     // Both files are made before the guest is held: a name that exists
     // fails here, and nothing is ever overwritten.
-    let mut made = Made::default();
-    let file = made.create(&path)?;
+    let mut made = Made::new(dir);
+    let file = made.create(&name)?;
     let descriptor = match &s.descriptor {
         Some(d) => {
-            let p = KeyDescriptor::path_for(&path);
-            Some((made.create(&p)?, p, d))
+            let n = format!("{name}{}", crate::keys::DESCRIPTOR_SUFFIX);
+            let p = dir.path().join(&n);
+            Some((made.create(&n)?, p, d))
         }
         None => None,
     };
@@ -232,13 +321,12 @@ pub fn snapshot(s: &Served, params: &Value) -> Result<Value, RpcError> {
         }
         None => None,
     };
-    // The new names are durable once their file system is synced (the
-    // daemon cannot open the directory itself).
-    // SAFETY: syncfs on a valid, open descriptor.
-    if unsafe { libc::syncfs(file.as_raw_fd()) } != 0 {
+    // The new names are durable once their folder is synced.
+    // SAFETY: fsync on a valid, open descriptor.
+    if unsafe { libc::fsync(dir.fd()) } != 0 {
         return Err(io_err(
-            "syncing the file system of",
-            &path,
+            "syncing the folder",
+            dir.path(),
             io::Error::last_os_error(),
         ));
     }
@@ -323,43 +411,61 @@ fn no_reflink_reason(path: &Path, e: &io::Error) -> String {
     }
 }
 
-/// Files a method created, removed again unless it succeeds.
-#[derive(Default)]
-struct Made(Vec<PathBuf>);
+/// Files a method created in the snapshot folder, removed again unless it
+/// succeeds.
+struct Made<'a> {
+    dir: &'a SnapshotDir,
+    names: Vec<std::ffi::CString>,
+}
 
-impl Made {
-    /// Creates `path`, which must not exist (0600: it holds the disk).
-    fn create(&mut self, path: &Path) -> Result<File, RpcError> {
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| {
-                RpcError::invalid_params(match e.kind() {
-                    io::ErrorKind::AlreadyExists => {
-                        format!(
-                            "{}: already exists; a snapshot never overwrites",
-                            path.display()
-                        )
-                    }
-                    _ => format!("cannot create {}: {e}", path.display()),
-                })
-            })?;
-        self.0.push(path.into());
-        Ok(f)
+impl<'a> Made<'a> {
+    fn new(dir: &'a SnapshotDir) -> Self {
+        Made {
+            dir,
+            names: Vec::new(),
+        }
+    }
+
+    /// Creates `name` in the folder; it must not exist, and a symlink
+    /// there is not followed (0600: it holds the disk).
+    fn create(&mut self, name: &str) -> Result<File, RpcError> {
+        let display = self.dir.path().join(name);
+        let c = std::ffi::CString::new(name)
+            .map_err(|_| RpcError::invalid_params("a name holds a NUL byte"))?;
+        // SAFETY: a valid folder descriptor and a NUL-terminated name.
+        let fd = unsafe {
+            libc::openat(
+                self.dir.fd(),
+                c.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(RpcError::invalid_params(match e.kind() {
+                io::ErrorKind::AlreadyExists => format!(
+                    "{}: already exists; a snapshot never overwrites",
+                    display.display()
+                ),
+                _ => format!("cannot create {}: {e}", display.display()),
+            }));
+        }
+        self.names.push(c);
+        // SAFETY: fd is a new descriptor that nothing else owns.
+        Ok(unsafe { File::from_raw_fd(fd) })
     }
 
     fn keep(&mut self) {
-        self.0.clear();
+        self.names.clear();
     }
 }
 
-impl Drop for Made {
+impl Drop for Made<'_> {
     fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = std::fs::remove_file(p);
+        for n in &self.names {
+            // SAFETY: a valid folder descriptor and a NUL-terminated name.
+            unsafe { libc::unlinkat(self.dir.fd(), n.as_ptr(), 0) };
         }
     }
 }

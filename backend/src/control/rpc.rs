@@ -29,12 +29,10 @@ impl RpcError {
         }
     }
 
-    pub fn method_not_found(method: &str) -> Self {
+    pub fn method_not_found(method: &str, known: &[&str]) -> Self {
         RpcError {
             code: -32601,
-            message: format!(
-                "unknown method '{method}' (known: status, query-stats, metrics, set-throttle)"
-            ),
+            message: format!("unknown method '{method}' (known: {})", known.join(", ")),
         }
     }
 
@@ -138,7 +136,7 @@ mod tests {
         let out = handle(line.as_bytes(), |m, p| match m {
             "echo" => Ok(p.clone()),
             "fail" => Err(RpcError::server("it failed")),
-            other => Err(RpcError::method_not_found(other)),
+            other => Err(RpcError::method_not_found(other, &["echo", "fail"])),
         });
         serde_json::from_str(&out).unwrap()
     }
