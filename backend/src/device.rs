@@ -11,7 +11,7 @@ use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -435,8 +435,11 @@ impl VhostUserBackend for BlockDevice {
             let mut w = self.worker(q);
             w.drain()?;
             w.restart_pending();
+            // Under the worker lock: a kick handled after this sees the
+            // ring not ready (the crate marks it so before this call) and
+            // cannot mark the queue running again.
+            self.0.running[q].store(false, Ordering::Release);
         }
-        self.0.running[q].store(false, Ordering::Release);
         if self.0.running.iter().any(|r| r.load(Ordering::Acquire)) {
             self.0.handover.sync()
         } else {
@@ -459,7 +462,9 @@ impl VhostUserBackend for BlockDevice {
         let r = match device_event {
             0 => {
                 let running = &self.0.running[thread_id];
-                if !running.load(Ordering::Relaxed) {
+                if !running.load(Ordering::Relaxed)
+                    && virtio_queue::QueueT::ready(vring.get_ref().get_queue())
+                {
                     running.store(true, Ordering::Release);
                 }
                 w.on_kick(vring)

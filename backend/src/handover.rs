@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::storage::{Image, Stamp, StorageError};
+use crate::worker::Capacity;
 
 /// How long a device start waits for a lock held by a daemon that is going
 /// away (a killed daemon's io_uring releases the file a little after exit).
@@ -42,6 +43,10 @@ pub struct Handover {
     seen: Mutex<Option<Stamp>>,
     /// Read by the queue threads before they take requests.
     held: AtomicBool,
+    /// The disk's capacity and block size, re-read from the image at every
+    /// start: another daemon may have grown it (a resize through the
+    /// source of a migration).
+    capacity: Option<(Capacity, u64)>,
 }
 
 impl Handover {
@@ -51,6 +56,36 @@ impl Handover {
             seen: Mutex::new(image.stamp()),
             held: AtomicBool::new(false),
             image,
+            capacity: None,
+        }
+    }
+
+    /// Keeps `capacity` (of `block_size`-byte blocks) up to date with the
+    /// image at every device start.
+    pub fn tracking(mut self, capacity: Capacity, block_size: u32) -> Self {
+        self.capacity = Some((capacity, u64::from(block_size)));
+        self
+    }
+
+    /// Re-reads the image's size into the capacity the queues check.
+    fn refresh_capacity(&self) {
+        let Some((capacity, block)) = &self.capacity else {
+            return;
+        };
+        match self.image.current_capacity() {
+            Ok(bytes) => {
+                let bytes = bytes - bytes % block;
+                let old = capacity.get();
+                if bytes != old && bytes > 0 {
+                    tracing::info!(
+                        capacity = bytes,
+                        previous = old,
+                        "the image's size changed since this daemon opened it"
+                    );
+                    capacity.set(bytes);
+                }
+            }
+            Err(e) => tracing::warn!("re-reading the image's size: {e}"),
         }
     }
 
@@ -60,16 +95,27 @@ impl Handover {
 
     /// A frontend starts the device: take the lock unless already held.
     pub fn device_started(&self) -> Result<(), StorageError> {
+        self.start(LOCK_WAIT).inspect_err(|e| {
+            tracing::error!("cannot start the device: {e}; its queues wait for the lock");
+        })
+    }
+
+    /// A queue runs but the device could not take the lock when it
+    /// started (a start within one connection, which QEMU does not let
+    /// fail): take it now if it is free. The queue retries until it is.
+    pub fn try_start(&self) -> bool {
+        self.start(Duration::ZERO).is_ok()
+    }
+
+    fn start(&self, wait: Duration) -> Result<(), StorageError> {
         let seen = self.seen();
         if self.is_held() {
             return Ok(());
         }
-        if let Err(e) = self.image.lock(self.read_only, LOCK_WAIT) {
-            tracing::error!("refusing to start the device: {e}");
-            return Err(e);
-        }
+        self.image.lock(self.read_only, wait)?;
+        self.refresh_capacity();
         let now = self.image.stamp();
-        if now.is_some_and(|s| s.block_device || Some(s) != *seen) {
+        if now.is_some_and(|s| s.block_device || s.network || Some(s) != *seen) {
             tracing::info!(
                 "the image changed since this daemon last had it: dropping its page cache"
             );

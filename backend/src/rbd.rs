@@ -176,6 +176,7 @@ struct Lib {
     rbd_lock_release: unsafe extern "C" fn(Image) -> c_int,
     rbd_snap_create: unsafe extern "C" fn(Image, *const c_char) -> c_int,
     rbd_resize: unsafe extern "C" fn(Image, u64) -> c_int,
+    rbd_invalidate_cache: unsafe extern "C" fn(Image) -> c_int,
 }
 
 /// Resolves `name` in `handle` as a function of type `T`.
@@ -252,6 +253,7 @@ fn load() -> Result<Lib, RbdError> {
             rbd_close: symbol(rbd, RBD, "rbd_close")?,
             rbd_get_size: symbol(rbd, RBD, "rbd_get_size")?,
             rbd_resize: symbol(rbd, RBD, "rbd_resize")?,
+            rbd_invalidate_cache: symbol(rbd, RBD, "rbd_invalidate_cache")?,
             rbd_flush: symbol(rbd, RBD, "rbd_flush")?,
             rbd_aio_create_completion: symbol(rbd, RBD, "rbd_aio_create_completion")?,
             rbd_aio_get_return_value: symbol(rbd, RBD, "rbd_aio_get_return_value")?,
@@ -508,6 +510,26 @@ impl RbdImage {
         self.size.load(Ordering::Acquire)
     }
 
+    /// At a device start, after another daemon (a migration's source) may
+    /// have written or grown the image: drops what librbd caches of it
+    /// (`rbd_invalidate_cache`, as QEMU does at a hand-over) and reads
+    /// its size again.
+    pub fn refresh(&self) -> io::Result<()> {
+        // SAFETY: open image.
+        let rc = unsafe { (self.lib.rbd_invalidate_cache)(self.image) };
+        if rc < 0 {
+            return Err(errno(rc.into()));
+        }
+        let mut size = 0u64;
+        // SAFETY: open image, out pointer.
+        let rc = unsafe { (self.lib.rbd_get_size)(self.image, &mut size) };
+        if rc < 0 {
+            return Err(errno(rc.into()));
+        }
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
     /// Grows the image to `size` bytes (`rbd_resize`; the new space reads
     /// as zeroes). Never shrinks: a smaller `size` is refused.
     pub fn grow(&self, size: u64) -> io::Result<()> {
@@ -624,6 +646,7 @@ impl RbdImage {
     /// # Safety
     /// The buffers `op` names must stay valid until the completion arrives.
     unsafe fn submit(&self, queue: &Arc<RbdCompletions>, tag: u64, op: IoOp<'_>) -> Submitted {
+        let read = matches!(op, IoOp::Read { .. });
         let (ok, iovecs) = match op {
             IoOp::Read { iovs, .. } | IoOp::Write { iovs, .. } => (
                 iovs.iter().map(|i| i.len() as i64).sum(),
@@ -642,6 +665,7 @@ impl RbdImage {
             queue: queue.clone(),
             tag,
             ok,
+            read,
             iovecs,
         }));
         // SAFETY: `arg` is valid until the callback (or an error below)
@@ -791,6 +815,9 @@ struct Pending {
     queue: Arc<RbdCompletions>,
     tag: u64,
     ok: i64,
+    /// A read, whose result is the bytes librbd read: fewer than asked is
+    /// a short read, passed on as such (never reported as full).
+    read: bool,
     /// The buffers of a read or write, for as long as librbd may use them.
     iovecs: Vec<libc::iovec>,
 }
@@ -811,7 +838,11 @@ extern "C" fn on_complete(c: Completion, arg: *mut c_void) {
         (lib.rbd_aio_release)(c);
         rc
     };
-    let res = if rc < 0 { rc } else { p.ok };
+    let res = match rc {
+        rc if rc < 0 => rc,
+        rc if p.read && rc < p.ok => rc,
+        _ => p.ok,
+    };
     p.queue
         .done
         .lock()

@@ -289,6 +289,8 @@ fn allowed(network: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
         // The hand-over drops a stale page cache (POSIX_FADV_DONTNEED).
         libc::SYS_fadvise64,
         libc::SYS_fstat,
+        // Whether the image is on a network file system (the hand-over).
+        libc::SYS_fstatfs,
         libc::SYS_newfstatat,
         libc::SYS_statx,
         libc::SYS_flock,

@@ -361,7 +361,7 @@ fn serve_image(
     let settings = DeviceSettings {
         num_queues: usize::from(cfg.num_queues),
         queue_size: cfg.queue_size,
-        disk,
+        disk: disk.clone(),
         poll_max: std::time::Duration::from_micros(cfg.poll_us),
     };
 
@@ -406,7 +406,9 @@ fn serve_image(
         tracing::info!(%address, "metrics served over HTTP at /metrics");
     }
 
-    let handover = Arc::new(Handover::new(image.clone(), cfg.read_only));
+    let handover = Arc::new(
+        Handover::new(image.clone(), cfg.read_only).tracking(disk.capacity.clone(), cfg.block_size),
+    );
     let shared = Arc::new(Shared {
         socket,
         control: control_file,

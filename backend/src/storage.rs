@@ -127,6 +127,26 @@ impl Image {
         }
     }
 
+    /// The capacity as the image says now (its file's or RBD image's size
+    /// read again), for a device start after another daemon had it.
+    pub fn current_capacity(&self) -> io::Result<u64> {
+        match self {
+            Image::Null { capacity } => Ok(*capacity),
+            Image::File {
+                file,
+                path,
+                data_offset,
+                ..
+            } => file_size(file, path)
+                .map(|s| s.saturating_sub(*data_offset))
+                .map_err(|e| io::Error::other(e.to_string())),
+            Image::Rbd { rbd, data_offset } => {
+                rbd.refresh()?;
+                Ok(rbd.size().saturating_sub(*data_offset))
+            }
+        }
+    }
+
     pub fn capacity(&self) -> u64 {
         match self {
             Image::Null { capacity } | Image::File { capacity, .. } => *capacity,
@@ -215,6 +235,7 @@ impl Image {
         let m = file.metadata().ok()?;
         Some(Stamp {
             block_device: m.file_type().is_block_device(),
+            network: on_network_fs(file),
             size: m.size(),
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: (m.ctime(), m.ctime_nsec()),
@@ -313,9 +334,46 @@ pub fn reflink(src: &File, dst: &File) -> io::Result<()> {
 pub struct Stamp {
     /// A block device's times do not change when another host writes it.
     pub block_device: bool,
+    /// On a network file system the attributes can come from a cache that
+    /// has not seen another host's writes: the stamp tells nothing.
+    pub network: bool,
     pub size: u64,
     pub mtime: (i64, i64),
     pub ctime: (i64, i64),
+}
+
+/// Whether `file` is on a file system other hosts write too, whose
+/// attributes this host may see late (NFS, SMB, Ceph, FUSE, cluster file
+/// systems).
+fn on_network_fs(file: &File) -> bool {
+    // SAFETY: an all-zero statfs is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes a statfs into our buffer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        // Unknown: assume the worst (a dropped cache costs only warmth).
+        return true;
+    }
+    is_network_fs(st.f_type as u64)
+}
+
+/// The `f_type`s of file systems shared between hosts (<linux/magic.h>).
+fn is_network_fs(f_type: u64) -> bool {
+    const SHARED: &[u64] = &[
+        0x6969,      // NFS
+        0x517b,      // SMB
+        0xff53_4d42, // CIFS
+        0xfe53_4d42, // SMB2
+        0x00c3_6400, // Ceph
+        0x6573_5546, // FUSE
+        0x0116_1970, // GFS2
+        0x7461_636f, // OCFS2
+        0x0102_1997, // 9P
+        0x6b41_4653, // AFS
+        0x0bd0_0bd0, // Lustre
+        0x4750_4653, // GPFS
+        0xaad7_aaea, // PanFS
+    ];
+    SHARED.contains(&f_type)
 }
 
 /// Opens the image (a regular file or a block device). The image lock is
@@ -752,6 +810,19 @@ mod tests {
             "a read of another fd went through"
         );
         assert_eq!(results[&3], 512);
+    }
+
+    /// The file systems whose attribute stamps cannot be trusted to show
+    /// another host's writes are told apart from local ones.
+    #[test]
+    fn network_file_systems_are_recognised() {
+        assert!(is_network_fs(0x6969));
+        assert!(is_network_fs(0xff53_4d42));
+        assert!(is_network_fs(0x00c3_6400));
+        assert!(!is_network_fs(0xef53)); // ext4
+        assert!(!is_network_fs(0x5846_5342)); // XFS
+        let local = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        assert!(!on_network_fs(&local));
     }
 
     /// With `--cache none` the image lock is on the descriptor the rings

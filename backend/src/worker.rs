@@ -36,6 +36,9 @@ pub type Vring = VringMutex<GuestMemAtomic>;
 /// resubmit requests without a kick.
 const RECOVERY_WAIT: Duration = Duration::from_secs(5);
 
+/// How often a queue that runs without the image lock tries to take it.
+const LOCK_RETRY: Duration = Duration::from_millis(100);
+
 /// With direct I/O, a queue thread spins for completions (within its
 /// polling window) while at most this many requests are at the device: at
 /// queue depth 1 on this machine's virtio disk it cut the p50 latency of
@@ -130,9 +133,10 @@ pub struct DiskInfo {
 }
 
 /// The disk's capacity in bytes, shared by the device (its config space),
-/// the control socket (resize) and each new connection's workers. The
-/// workers keep a copy, changed only while their queues are paused, so
-/// the data path reads no shared value.
+/// the control socket (resize), the device start (which re-reads the
+/// image's size) and each new connection's workers. The workers keep a
+/// copy, refreshed once per wake-up and while their queues are paused, so
+/// no request reads the shared value.
 #[derive(Clone, Debug)]
 pub struct Capacity(Arc<std::sync::atomic::AtomicU64>);
 
@@ -204,6 +208,8 @@ pub struct QueueWorker {
     idle_since: Option<Instant>,
     /// Requests are taken only while this daemon's device holds the image.
     handover: Arc<Handover>,
+    /// The ring runs but the lock was refused: the timer tries again.
+    lock_retry: bool,
     /// The queue's part of the frontend's in-flight region, if it set one up.
     inflight: Option<QueueInflight>,
     /// The in-flight region must be read before the next request is taken
@@ -269,6 +275,7 @@ impl QueueWorker {
             poll_max_ns: poll_max.as_nanos() as u64,
             idle_since: None,
             handover,
+            lock_retry: false,
             inflight: None,
             recover_pending: false,
             recover_until: None,
@@ -380,6 +387,9 @@ impl QueueWorker {
     fn service(&mut self, vring: &Vring) -> io::Result<()> {
         let now = Instant::now();
         self.adapt_poll(now);
+        // A device start re-reads the image's size (another daemon may have
+        // grown it): one load per wake-up, not per request.
+        self.limits.capacity = self.disk.capacity.get();
         let mut state = vring.get_mut();
         loop {
             // The memory table may have changed while we polled (the frontend
@@ -388,7 +398,20 @@ impl QueueWorker {
             let mem = self.mem.memory().into_inner();
             let enabled = state.is_enabled();
             let queue = state.get_queue_mut();
-            if self.stopped || !queue.ready() || !enabled || !self.handover.is_held() {
+            let runs = !self.stopped && queue.ready() && enabled;
+            if runs && !self.handover.is_held() && !self.handover.try_start() {
+                // The device started while another daemon's device held the
+                // image (QEMU cannot be told within one connection): the
+                // requests wait, and the queue retries, until it is free.
+                warn_limited!(
+                    queue = self.index,
+                    "the image lock is held by another daemon's device: requests wait until it \
+                     is released"
+                );
+                self.lock_retry = true;
+                self.timer.arm(Instant::now() + LOCK_RETRY)?;
+            }
+            if !runs || !self.handover.is_held() {
                 // Stopped, not started, disabled (SET_VRING_ENABLE 0: a
                 // storage completion must not take new requests either), or
                 // the image is another daemon's:
@@ -664,6 +687,9 @@ impl QueueWorker {
     /// a restart left in flight once the ring runs.
     pub fn on_timer(&mut self, vring: &Vring) -> io::Result<()> {
         self.timer.consume();
+        if std::mem::take(&mut self.lock_retry) {
+            self.service(vring)?;
+        }
         self.run_deferred(vring, false)?;
         let r = self.poll_recovery(vring);
         self.count_returned();
@@ -700,10 +726,7 @@ impl QueueWorker {
         let mem = self.mem.memory().into_inner();
         let mut state = vring.get_mut();
         while self.storage.in_flight() > 0 {
-            if let Err(e) = self.storage.kick(1) {
-                tracing::error!(queue = self.index, "waiting for storage: {e}");
-                break;
-            }
+            wait_for_storage(&mut self.storage, self.index);
             self.complete_reaped(&mut state, &mem)?;
         }
         self.count_returned();
@@ -1117,12 +1140,39 @@ impl Drop for QueueWorker {
     /// slots (and the ring) are freed. `stop` normally leaves none.
     fn drop(&mut self) {
         while self.storage.in_flight() > 0 {
-            if let Err(e) = self.storage.kick(1) {
-                tracing::error!(queue = self.index, "waiting for storage: {e}");
-                break;
-            }
+            wait_for_storage(&mut self.storage, self.index);
             self.storage.reap(|_, _| {});
         }
+    }
+}
+
+/// How long a queue keeps retrying to wait for storage that fails to say
+/// whether its requests are done, before it aborts the process.
+const STORAGE_WAIT_RETRIES: u32 = 500;
+
+/// Waits for at least one completion. The requests in flight point into
+/// guest memory and bounce buffers: going on (to unmap, free or unlock)
+/// while the kernel may still write them is never an option. A failing
+/// wait is retried; one that keeps failing aborts the process, whose
+/// memory the kernel then keeps until the requests are done, and whose
+/// image lock lasts as long (see `Image::ring_file`).
+fn wait_for_storage(storage: &mut QueueStorage, queue: usize) {
+    let mut failures = 0;
+    while let Err(e) = storage.kick(1) {
+        failures += 1;
+        if failures == 1 || failures % 100 == 0 {
+            tracing::error!(queue, failures, "waiting for storage: {e}; retrying");
+        }
+        if failures >= STORAGE_WAIT_RETRIES {
+            tracing::error!(
+                queue,
+                "storage never said whether {} requests are done: aborting rather than \
+                 freeing memory it may still write",
+                storage.in_flight()
+            );
+            std::process::abort();
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

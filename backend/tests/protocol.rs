@@ -926,3 +926,117 @@ fn oversized_messages_are_refused_and_memory_stays_bounded() {
         "resident KiB: {before:?} -> {after:?}"
     );
 }
+
+/// The device stops (GET_VRING_BASE) and starts again on the same
+/// connection, as QEMU does at a guest reboot or stop/cont, while another
+/// daemon's device holds the image: the queue does not hang for good; its
+/// requests wait and complete once the lock is free.
+#[test]
+fn a_restart_while_the_image_is_locked_waits_for_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 17);
+    let d = Daemon::start(dir.path(), "vmcrypt", &["--image", img.to_str().unwrap()]);
+    let mem = Memory::new();
+    let mut dev = Device::connect(&d.socket, 0);
+    dev.start(&mem, 0);
+    mem.request(0, T_IN, 0, 0x20000, 4096);
+    mem.publish(0);
+    dev.kick();
+    mem.wait_used(1, "a first read", &d);
+    assert_eq!(dev.fe.get_vring_base(0).unwrap(), 1);
+    d.wait_for_log("lock released");
+
+    // Another daemon's device takes the image.
+    let other = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    // SAFETY: flock on an open descriptor.
+    assert_eq!(
+        unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+
+    // The ring starts again on the same connection (no new memory table).
+    let want = VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    dev.fe.set_features(want).unwrap();
+    let va = |gpa: u64| mem.ptr as u64 + gpa;
+    dev.fe.set_vring_num(0, QUEUE_SIZE).unwrap();
+    dev.fe
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: va(DESC),
+                used_ring_addr: va(USED),
+                avail_ring_addr: va(AVAIL),
+                log_addr: None,
+            },
+        )
+        .unwrap();
+    dev.fe.set_vring_base(0, 1).unwrap();
+    dev.fe.set_vring_kick(0, &dev.kick).unwrap();
+    dev.fe.set_vring_call(0, &dev.call).unwrap();
+    dev.fe.set_vring_enable(0, true).unwrap();
+    mem.request(3, T_IN, 8, 0x30000, 4096);
+    mem.publish(3);
+    dev.kick();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        mem.used_idx(),
+        1,
+        "a read went through without the image lock"
+    );
+    d.wait_for_log("the image lock is held by another daemon");
+
+    drop(other);
+    mem.wait_used(2, "the read once the lock is free", &d);
+    assert_eq!(
+        mem.read(0x30000, 4096),
+        std::fs::read(&img).unwrap()[4096..8192]
+    );
+}
+
+/// Two daemons on one image, as for a migration: the disk is grown through
+/// the one running it; the other, standing by since before, enforces the
+/// new size once its device starts.
+#[test]
+fn a_standby_daemon_takes_the_size_the_image_has_at_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 19);
+    let control = dir.path().join("a.ctl");
+    let a = Daemon::start(
+        dir.path(),
+        "a",
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    let b = Daemon::start(dir.path(), "b", &["--image", img.to_str().unwrap()]);
+    {
+        let mem = Memory::new();
+        let mut dev = Device::connect(&a.socket, 0);
+        dev.start(&mem, 0);
+        let r = Rpc::connect(&control).result("resize", serde_json::json!({"size": "2M"}));
+        assert_eq!(r["capacity"], 2 << 20, "{r}");
+    }
+    a.wait_for_log("lock released");
+
+    let mem = Memory::new();
+    let mut dev = Device::connect(&b.socket, 0);
+    dev.start(&mem, 0);
+    // 1.5 MiB in: past the size B opened, inside the size A grew it to.
+    let status = mem.request(0, T_IN, 3072, 0x20000, 4096);
+    mem.publish(0);
+    dev.kick();
+    mem.wait_used(1, "a read in the grown part", &b);
+    assert_eq!(mem.read(status, 1), [0], "{}", b.log_text());
+    assert_eq!(mem.read(0x20000, 4096), vec![0u8; 4096]);
+    assert!(b.log_text().contains("size changed"), "{}", b.log_text());
+}
