@@ -395,6 +395,12 @@ fn resize_grows_the_disk_live_and_refuses_to_shrink() {
     }
     assert_ne!(f.write(0, 32 * MIB, 0, 4096), 0, "past the new end");
     assert_eq!(rpc.result("status", json!({}))["capacity"], 32 * MIB);
+    // Sizes no storage takes are refused before anything changes.
+    let a = rpc.call("resize", json!({"size": 1u64 << 63}));
+    assert!(error_message(&a).contains("larger"), "{a}");
+    let a = rpc.call("resize", json!({"size": 1u64 << 50}));
+    assert!(error_message(&a).contains("growing the image"), "{a}");
+    assert_eq!(rpc.result("status", json!({}))["capacity"], 32 * MIB);
 
     // Through the ctl client; a new connection sees the new capacity.
     vmcrypt(&[
@@ -858,4 +864,39 @@ fn idle_clients_never_lock_the_operator_out() {
     assert!(s["device_running"].is_boolean(), "{s}");
     assert!(t.elapsed() < Duration::from_secs(10));
     drop(idle);
+}
+
+/// A client that trickles its request a byte a second holds the metrics
+/// listener for the request deadline at most, not for as long as it
+/// keeps trickling: a scrape behind it is answered within 10 s.
+#[test]
+fn a_trickling_client_does_not_hold_the_scrape_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _control) = serve(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    d.wait_for_log("metrics served over HTTP");
+    let log = d.log_text();
+    let addr = log
+        .split("address=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let slow = {
+        let addr = addr.clone();
+        std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            for b in b"GET /metrics HTTP/1.1\r\nHost: slow".iter() {
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(700));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    let (status, _) = http(&addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    drop(slow);
 }

@@ -154,8 +154,14 @@ mod tests {
         assert_eq!(&read_message(&mut r).unwrap()[..], &msg[..16]);
         assert_eq!(r, b"next message");
         let huge = [0x42, 0x00, 0x7b, 0x01, 0xff, 0xff, 0xff, 0xff];
-        assert!(matches!(read_message(&mut &huge[..]), Err(WireError::Server(_))));
+        assert!(matches!(
+            read_message(&mut &huge[..]),
+            Err(WireError::Server(_))
+        ));
         let short = [0x42, 0x00, 0x7b, 0x01, 0, 0, 0, 8, 1, 2];
-        assert!(matches!(read_message(&mut &short[..]), Err(WireError::Connection(_))));
+        assert!(matches!(
+            read_message(&mut &short[..]),
+            Err(WireError::Connection(_))
+        ));
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Both hold the device's queues still for a moment ([`BlockDevice::pause`]):
 //! no request is taken and none is in flight while the image changes
-//! under the guest. A resize grows the image and tells each queue the new
-//! capacity, then the frontend (which tells the guest). A snapshot syncs
+//! under the guest. A resize grows the image first, while the guest runs
+//! (it cannot reach the new space yet), then holds the queues only to tell
+//! each the new capacity, then tells the frontend (which tells the guest). A snapshot syncs
 //! the image (once before the pause for the bulk of the dirty data, once
 //! inside it for the rest) and clones its file with a reflink, which takes
 //! milliseconds whatever the size; a file system without reflinks is refused rather
@@ -155,6 +156,14 @@ pub fn resize(s: &Served, params: &Value) -> Result<Value, RpcError> {
         return Err(RpcError::invalid_params("the disk is served read-only"));
     }
     let block = u64::from(s.disk.limits.block_size);
+    // Past this, offsets no longer fit the sector arithmetic of virtio-blk
+    // and of the storages (signed 64-bit file offsets).
+    const LARGEST: u64 = 1 << 62;
+    if size > LARGEST {
+        return Err(RpcError::invalid_params(format!(
+            "size {size}: larger than the {LARGEST} bytes a disk may have"
+        )));
+    }
     if size == 0 || !size.is_multiple_of(block) {
         return Err(RpcError::invalid_params(format!(
             "size {size}: must be a positive multiple of the block size ({block} bytes)"
@@ -171,6 +180,12 @@ pub fn resize(s: &Served, params: &Value) -> Result<Value, RpcError> {
     if size == old {
         return Ok(json!({ "capacity": old, "previous": old, "frontend_notified": false }));
     }
+    // The image grows (and the new size is made durable, with whatever the
+    // guest wrote before) while the guest runs: it cannot reach the new
+    // space before its queues learn the capacity, inside the pause.
+    s.image
+        .grow(size)
+        .map_err(|e| RpcError::server(format!("growing the image to {size} bytes: {e}")))?;
     let t = Instant::now();
     {
         let mut paused = current
@@ -178,9 +193,6 @@ pub fn resize(s: &Served, params: &Value) -> Result<Value, RpcError> {
             .map(|d| d.pause())
             .transpose()
             .map_err(|e| RpcError::server(format!("pausing the queues: {e}")))?;
-        s.image
-            .grow(size)
-            .map_err(|e| RpcError::server(format!("growing the image to {size} bytes: {e}")))?;
         s.disk.capacity.set(size);
         if let Some(p) = paused.as_mut() {
             p.set_capacity(size);

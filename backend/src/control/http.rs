@@ -2,22 +2,24 @@
 //! for Prometheus to scrape (`GET /metrics`).
 //!
 //! One thread answers one connection at a time: a scrape every few seconds
-//! is the whole load. Each connection gets a short timeout and is closed
-//! after its answer, so a client that stalls holds the next scrape back by
-//! at most that long. Only `GET` (and `HEAD`) of `/metrics` and `/` are
+//! is the whole load. Each connection has a deadline for its whole request
+//! (not per read: a client trickling a byte at a time gets no longer) and
+//! is closed after its answer, so a client that stalls holds the next
+//! scrape back by at most that long. Only `GET` (and `HEAD`) of `/metrics` and `/` are
 //! answered; nothing can be changed from here.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{prom, Control};
 
 /// Longest request head read.
 const MAX_HEAD: usize = 8192;
-/// How long a client may take to send its request or read the answer.
-const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send its whole request, and to take the
+/// answer.
+const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Serves `listener` on a thread of its own, for the life of the process.
 pub fn spawn(listener: TcpListener, control: Arc<Control>) -> io::Result<()> {
@@ -39,9 +41,8 @@ pub fn spawn(listener: TcpListener, control: Arc<Control>) -> io::Result<()> {
 }
 
 fn answer(mut s: TcpStream, control: &Control) -> io::Result<()> {
-    s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
-    let head = read_head(&mut s)?;
+    let head = read_head(&mut s, Instant::now() + TIMEOUT)?;
     let (status, body, content_type, head_only) = route(&head, control);
     let mut out = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
@@ -87,8 +88,8 @@ fn route(head: &str, control: &Control) -> (&'static str, String, &'static str, 
     }
 }
 
-/// Reads up to the blank line that ends the request head.
-fn read_head(s: &mut TcpStream) -> io::Result<String> {
+/// Reads up to the blank line that ends the request head, by `deadline`.
+fn read_head(s: &mut TcpStream, deadline: Instant) -> io::Result<String> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
@@ -98,6 +99,14 @@ fn read_head(s: &mut TcpStream) -> io::Result<String> {
                 "request head too long",
             ));
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head not complete in time",
+            ));
+        }
+        s.set_read_timeout(Some(left))?;
         let n = s.read(&mut chunk)?;
         if n == 0 {
             break;
