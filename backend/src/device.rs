@@ -32,6 +32,8 @@ use crate::GuestMemAtomic;
 
 /// Size of the config space we fill (up to and including write_zeroes_may_unmap).
 const CONFIG_LEN: usize = 60;
+/// Longest wait for the frontend on the backend request channel.
+const BACKEND_REQ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Offset of `writeback` in the config space.
 const WRITEBACK: usize = 32;
 
@@ -303,7 +305,10 @@ impl VhostUserBackend for BlockDevice {
     }
 
     /// `SET_BACKEND_REQ_FD`: kept for telling the frontend about a resize.
+    /// A frontend that never answers a request on it (its REPLY_ACK) must
+    /// not hold the control thread that sent it: replies get a deadline.
     fn set_backend_req_fd(&self, backend: Backend) {
+        backend.set_reply_timeout(Some(BACKEND_REQ_TIMEOUT));
         *self.0.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
     }
 

@@ -1040,3 +1040,46 @@ fn a_standby_daemon_takes_the_size_the_image_has_at_its_start() {
     assert_eq!(mem.read(0x20000, 4096), vec![0u8; 4096]);
     assert!(b.log_text().contains("size changed"), "{}", b.log_text());
 }
+
+/// A frontend that takes a backend request channel and never answers on
+/// it: a resize still returns (telling that the frontend was not
+/// notified) instead of holding the control socket forever.
+#[test]
+fn a_frontend_that_never_acknowledges_does_not_hold_a_resize() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = raw_image(dir.path(), 23);
+    let control = dir.path().join("c.ctl");
+    let d = Daemon::start(
+        dir.path(),
+        "vmcrypt",
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--control",
+            control.to_str().unwrap(),
+        ],
+    );
+    let mut fe = Frontend::connect(&d.socket, 1).unwrap();
+    fe.set_owner().unwrap();
+    fe.get_features().unwrap();
+    fe.set_features(VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        .unwrap();
+    fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(
+        VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::BACKEND_REQ,
+    )
+    .unwrap();
+    let (_silent, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    fe.set_backend_request_fd(&theirs).unwrap();
+    let r = Rpc::connect(&control).result("resize", serde_json::json!({"size": "2M"}));
+    assert_eq!(r["capacity"], 2 << 20, "{r}");
+    assert_eq!(r["frontend_notified"], false, "{r}");
+    assert!(
+        d.log_text().contains("telling the frontend"),
+        "{}",
+        d.log_text()
+    );
+}

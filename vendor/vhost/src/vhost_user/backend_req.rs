@@ -31,6 +31,9 @@ struct BackendInternal {
     // Protocol feature VHOST_USER_PROTOCOL_F_SHMEM has been negotiated.
     shmem_negotiated: bool,
 
+    // How long to wait for the frontend's REPLY_ACK (None: for ever).
+    reply_timeout: Option<std::time::Duration>,
+
     // whether the endpoint has encountered any failure
     error: Option<i32>,
 }
@@ -67,6 +70,9 @@ impl BackendInternal {
             return Ok(0);
         }
 
+        if let Some(timeout) = self.reply_timeout {
+            self.wait_readable(timeout)?;
+        }
         let (reply, body, rfds) = self.sock.recv_body::<VhostUserU64>()?;
         if !reply.is_reply_for(hdr) || rfds.is_some() || !body.is_valid() {
             return Err(Error::InvalidMessage);
@@ -76,6 +82,40 @@ impl BackendInternal {
         }
 
         Ok(body.value)
+    }
+}
+
+impl BackendInternal {
+    /// Waits until the frontend's reply can be read. A frontend that does
+    /// not answer in time leaves the channel out of step (its late reply
+    /// would be taken for the next one's): the channel is marked failed.
+    fn wait_readable(&mut self, timeout: std::time::Duration) -> Result<()> {
+        let mut pfd = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        loop {
+            // SAFETY: one valid pollfd and a valid timespec.
+            let rc = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+            if rc > 0 {
+                return Ok(());
+            }
+            let e = if rc == 0 {
+                io::Error::from_raw_os_error(libc::ETIMEDOUT)
+            } else {
+                io::Error::last_os_error()
+            };
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            self.error = e.raw_os_error();
+            return Err(Error::SocketBroken(e));
+        }
     }
 }
 
@@ -102,6 +142,7 @@ impl Backend {
                 reply_ack_negotiated: false,
                 shared_object_negotiated: false,
                 shmem_negotiated: false,
+                reply_timeout: None,
                 error: None,
             })),
         }
@@ -137,6 +178,12 @@ impl Backend {
     /// the backend is allowed to send "SHMEM_{MAP, UNMAP}" messages to the frontend.
     pub fn set_shmem_flag(&self, enable: bool) {
         self.inner.lock().unwrap().shmem_negotiated = enable;
+    }
+
+    /// Set how long a request waits for the frontend's REPLY_ACK; past it,
+    /// the request fails and so does the channel (None: no limit).
+    pub fn set_reply_timeout(&self, timeout: Option<std::time::Duration>) {
+        self.inner.lock().unwrap().reply_timeout = timeout;
     }
 
     /// Mark endpoint as failed with specified error code.
