@@ -39,6 +39,16 @@ const RECOVERY_WAIT: Duration = Duration::from_secs(5);
 /// How often a queue that runs without the image lock tries to take it.
 const LOCK_RETRY: Duration = Duration::from_millis(100);
 
+/// Longest a queue thread serves its ring at a stretch, holding the vring
+/// and worker locks. A guest that republishes a request as soon as one
+/// completes would otherwise hold them for ever: the frontend's messages
+/// that need them (SET_VRING_ENABLE, SET_LOG_BASE, ...; QEMU waits for some
+/// holding its big lock) and the control socket's pause would wait.
+const SERVICE_SLICE: Duration = Duration::from_millis(2);
+
+/// How soon a queue that gave the locks up comes back to its ring.
+const SERVICE_RESUME: Duration = Duration::from_micros(50);
+
 /// With direct I/O, a queue thread spins for completions (within its
 /// polling window) while at most this many requests are at the device: at
 /// queue depth 1 on this machine's virtio disk it cut the p50 latency of
@@ -208,8 +218,9 @@ pub struct QueueWorker {
     idle_since: Option<Instant>,
     /// Requests are taken only while this daemon's device holds the image.
     handover: Arc<Handover>,
-    /// The ring runs but the lock was refused: the timer tries again.
-    lock_retry: bool,
+    /// The timer is to serve the ring again: the image lock was refused
+    /// (it tries again), or the last stretch of work ran out of time.
+    resume: bool,
     /// The queue's part of the frontend's in-flight region, if it set one up.
     inflight: Option<QueueInflight>,
     /// The in-flight region must be read before the next request is taken
@@ -275,7 +286,7 @@ impl QueueWorker {
             poll_max_ns: poll_max.as_nanos() as u64,
             idle_since: None,
             handover,
-            lock_retry: false,
+            resume: false,
             inflight: None,
             recover_pending: false,
             recover_until: None,
@@ -408,7 +419,7 @@ impl QueueWorker {
                     "the image lock is held by another daemon's device: requests wait until it \
                      is released"
                 );
-                self.lock_retry = true;
+                self.resume = true;
                 self.timer.arm(Instant::now() + LOCK_RETRY)?;
             }
             if !runs || !self.handover.is_held() {
@@ -447,6 +458,13 @@ impl QueueWorker {
             self.kick_storage(&mut state, &mem)?;
             self.notify(&mut state)?;
             if self.poll_for_work(&mut state, &mem)? {
+                if now.elapsed() >= SERVICE_SLICE {
+                    // More work, but the locks go to whoever waits for
+                    // them; notifications stay off, the timer brings the
+                    // thread back.
+                    self.resume_soon()?;
+                    break;
+                }
                 continue;
             }
             let queue = state.get_queue_mut();
@@ -458,9 +476,20 @@ impl QueueWorker {
             if !more || self.stopped {
                 break;
             }
+            if now.elapsed() >= SERVICE_SLICE {
+                self.resume_soon()?;
+                break;
+            }
         }
         self.idle_since = Some(Instant::now());
         Ok(())
+    }
+
+    /// Comes back to the ring in a moment, after letting others take the
+    /// locks (see [`SERVICE_SLICE`]).
+    fn resume_soon(&mut self) -> io::Result<()> {
+        self.resume = true;
+        self.timer.arm(Instant::now() + SERVICE_RESUME)
     }
 
     /// Reads the in-flight region as the ring starts: heads a previous run
@@ -687,7 +716,7 @@ impl QueueWorker {
     /// a restart left in flight once the ring runs.
     pub fn on_timer(&mut self, vring: &Vring) -> io::Result<()> {
         self.timer.consume();
-        if std::mem::take(&mut self.lock_retry) {
+        if std::mem::take(&mut self.resume) {
             self.service(vring)?;
         }
         self.run_deferred(vring, false)?;
