@@ -396,6 +396,12 @@ fn rekey_in(
             descriptor.key_id,
             old_provider.describe()
         );
+        eprintln!(
+            "vmcrypt: warning: snapshots and shallow clones of {} made before this rekey \
+             open only with the revoked key {}: they can no longer be served",
+            image.display(),
+            descriptor.key_id
+        );
     }
     Ok(())
 }

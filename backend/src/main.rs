@@ -109,7 +109,9 @@ enum Command {
         /// Local key store folder (for a local old or new KEK).
         #[arg(long, value_name = "DIR")]
         keystore: Option<PathBuf>,
-        /// Revoke the old KEK once the image no longer uses it.
+        /// Revoke the old KEK once the image no longer uses it. Snapshots and
+        /// shallow clones taken before still open only with the old KEK:
+        /// after this they can no longer be served.
         #[arg(long)]
         revoke_old: bool,
         /// Seconds to keep retrying unreachable KMS servers.
@@ -119,12 +121,16 @@ enum Command {
         ceph: CephArgs,
     },
 
-    /// Copy an image that is not being served, with a key of its own.
+    /// Copy an image that is not being served: under a new KEK, and with
+    /// --deep under a new data key too.
     ///
     /// Without --deep, DST keeps SRC's data key but opens only with a new
     /// KEK (made at --kms if given, else in the local key store): its only
     /// key slot is new and it has its own LUKS UUID. The data is shared with
     /// a reflink where the file system has them (XFS, btrfs), else copied.
+    /// Sharing the data key means: equal plaintext blocks at equal offsets
+    /// show as equal ciphertext in SRC and DST, and one leaked data key
+    /// opens both (and every snapshot of SRC).
     ///
     /// With --deep, DST also gets a new data key: the data is decrypted and
     /// encrypted again while it is copied. This is the deep rekey of a VM's
