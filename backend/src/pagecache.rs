@@ -36,7 +36,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// Largest read checked with one `mincore` call (its vector lives on the stack).
@@ -124,7 +124,12 @@ impl PageCacheView {
         }
         // SAFETY: [start, end) lies inside the mapping (checked by `range`).
         let p = unsafe { self.base.as_ptr().add(start) };
-        match guarded(p as usize, end - start, || f(p)) {
+        let read = guarded(p as usize, end - start, || f(p));
+        // A fault on another thread may have put a zero page where this
+        // read was reading (without a fault of its own): what it read may
+        // be zeroes, not the image.
+        let read = read.filter(|_| !zero_patched(p as usize, end - start));
+        match read {
             Some(v) => Ok(v),
             None => {
                 if !self.damaged.swap(true, Ordering::Relaxed) {
@@ -191,6 +196,16 @@ impl PageCacheView {
 
 impl Drop for PageCacheView {
     fn drop(&mut self) {
+        // Its addresses may be mapped again for something else.
+        let (base, end) = (
+            self.base.as_ptr() as usize,
+            self.base.as_ptr() as usize + self.mapped,
+        );
+        for slot in &PATCHED {
+            let _ = slot.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |a| {
+                (a >= base && a < end).then_some(0)
+            });
+        }
         // SAFETY: this view's own mapping, which nothing uses any more.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.mapped) };
     }
@@ -225,6 +240,31 @@ fn guarded<T>(start: usize, len: usize, f: impl FnOnce() -> T) -> Option<T> {
     (!FAULTED.with(|c| c.replace(false))).then_some(v)
 }
 
+/// The pages the SIGBUS handler replaced with a zero page (their
+/// addresses, recorded before the page is replaced), and how many there
+/// were. A read that was under way on another thread may have read such a
+/// page without a fault of its own: it is taken as faulted too.
+const PATCH_SLOTS: usize = 64;
+static PATCHED: [AtomicUsize; PATCH_SLOTS] = [const { AtomicUsize::new(0) }; PATCH_SLOTS];
+static PATCH_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether a zero page was put anywhere in mapping bytes `[start, start +
+/// len)` (or more pages were patched than recorded).
+fn zero_patched(start: usize, len: usize) -> bool {
+    let n = PATCH_COUNT.load(Ordering::SeqCst);
+    if n == 0 {
+        return false;
+    }
+    if n > PATCH_SLOTS {
+        return true;
+    }
+    let first = start & !(page_size() - 1);
+    PATCHED[..n].iter().any(|a| {
+        let a = a.load(Ordering::SeqCst);
+        a >= first && a < start + len
+    })
+}
+
 /// The SIGBUS handler's installation: done once, its failure (an errno)
 /// remembered so that no later view maps without it.
 static SIGBUS: OnceLock<Option<i32>> = OnceLock::new();
@@ -250,6 +290,10 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     if len > 0 && addr >= start && addr < start + len {
         let page = page_size();
         let at = addr & !(page - 1);
+        let i = PATCH_COUNT.fetch_add(1, Ordering::SeqCst);
+        if let Some(slot) = PATCHED.get(i) {
+            slot.store(at, Ordering::SeqCst);
+        }
         // SAFETY: replaces one page of this thread's guarded range, inside
         // the view's read-only mapping, with a private zero page, so that
         // the faulting read can go on; the view is not used again.
@@ -381,5 +425,36 @@ mod tests {
         });
         assert_eq!(r, Err(Missed::Faulted));
         assert_eq!(copy(&view, 0, 4096), Err(Missed::NotCached), "retired");
+    }
+
+    /// Two queues read the same page; the image shrinks and one of them
+    /// faults, which puts a zero page there. The other, whose read was
+    /// under way, reads that zero page without a fault: its read is
+    /// reported as faulted too, never as the image's data.
+    #[test]
+    fn a_read_under_way_when_another_faults_is_not_taken() {
+        let (f, data) = image(64 << 10);
+        let view = PageCacheView::map(f.as_file(), data.len() as u64, 0).unwrap();
+        let inside = std::sync::Barrier::new(2);
+        let faulted = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| {
+                view.read(0, 4096, |p| {
+                    inside.wait();
+                    faulted.wait();
+                    // SAFETY: inside the guarded range.
+                    unsafe { std::ptr::read_volatile(p) }
+                })
+            });
+            let r = view.read(0, 4096, |p| {
+                inside.wait();
+                f.as_file().set_len(0).unwrap();
+                // SAFETY: inside the guarded range.
+                unsafe { std::ptr::read_volatile(p) }
+            });
+            assert_eq!(r, Err(Missed::Faulted));
+            faulted.wait();
+            assert_eq!(other.join().unwrap(), Err(Missed::Faulted));
+        });
     }
 }
