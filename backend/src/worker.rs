@@ -536,7 +536,19 @@ impl QueueWorker {
         }
         self.resubmit.extend(rec.resubmit);
         let n = self.resubmit.len() as u16;
-        queue.set_next_avail(ring_used.0.wrapping_add(n));
+        // Where the frontend says the ring stands (SET_VRING_BASE): after a
+        // stop, what GET_VRING_BASE returned, which counts the entries
+        // consumed without a used element (a head published again while in
+        // flight); after a crash, the used index. Never go back before it,
+        // or such an entry is taken, and its head returned, a second time.
+        let base = queue.next_avail();
+        let ahead = base.wrapping_sub(ring_used.0);
+        let next = if ahead > n && ahead <= queue.size() {
+            base
+        } else {
+            ring_used.0.wrapping_add(n)
+        };
+        queue.set_next_avail(next);
         queue.set_next_used(ring_used.0);
         tracing::info!(
             queue = self.index,

@@ -479,6 +479,51 @@ fn a_head_published_twice_is_taken_once() {
     assert_eq!(mem.read(0x40000, 4096), pattern(2, 4096));
 }
 
+/// As above, with an in-flight region, then a plain stop and restart of
+/// the ring (a guest reboot, stop/cont): the entry consumed without a used
+/// element (the second 3) is not taken again, and no head comes back twice.
+#[test]
+fn a_head_published_twice_is_taken_once_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_img, d) = slow_writes(dir.path(), 14);
+    let mem = Memory::new();
+    let mut dev = Device::connect(&d.socket, 0);
+    let (inflight, region) = dev
+        .fe
+        .get_inflight_fd(&VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: QUEUE_SIZE,
+        })
+        .unwrap();
+    dev.fe
+        .set_inflight_fd(&inflight, region.as_raw_fd())
+        .unwrap();
+    dev.start(&mem, 0);
+    mem.write(0x20000, &pattern(1, 4096));
+    mem.write(0x30000, &pattern(2, 4096));
+    mem.request(0, T_OUT, 0, 0x20000, 4096);
+    mem.request(3, T_OUT, 8, 0x30000, 4096);
+    mem.publish(0);
+    mem.publish(3);
+    mem.publish(3);
+    dev.kick();
+    mem.wait_used(2, "both writes", &d);
+    std::thread::sleep(Duration::from_millis(1500));
+    let base = dev.fe.get_vring_base(0).unwrap();
+    assert_eq!(base, 3, "every entry consumed");
+
+    dev.start(&mem, base as u16);
+    mem.request(6, T_IN, 8, 0x40000, 4096);
+    mem.publish(6);
+    dev.kick();
+    mem.wait_used(3, "a read after the restart", &d);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(mem.used_heads(), [0, 3, 6], "{}", d.log_text());
+    assert_eq!(mem.read(0x40000, 4096), pattern(2, 4096));
+}
+
 /// A frontend that disconnects with writes still delayed by a filter: they
 /// complete before vmcrypt lets go of the memory they point into, and the
 /// next frontend finds them on disk.
