@@ -301,6 +301,19 @@ impl QueueInflight {
         })
     }
 
+    /// The region is handed over while `in_flight` heads of this queue run
+    /// (`SET_INFLIGHT_FD` mid-stream): whatever it held is of no run of
+    /// this ring; it starts afresh with those heads marked. Returns the
+    /// next counter.
+    pub fn adopt(&self, ring_used: u16, in_flight: &[u16]) -> u64 {
+        self.version().store(0, Ordering::Release);
+        let _ = self.recover(ring_used);
+        for (i, &h) in in_flight.iter().enumerate() {
+            self.take(h, i as u64 + 1);
+        }
+        in_flight.len() as u64 + 1
+    }
+
     /// Records head `head` as taken from the ring, as the `counter`-th.
     /// Heads outside the region are not tracked (the worker refuses queues
     /// larger than the region).

@@ -497,8 +497,17 @@ impl QueueWorker {
     /// continues after them.
     fn recover(&mut self, queue: &mut Queue, mem: &GuestMem) {
         self.recover_pending = false;
-        self.taken.clear();
-        self.resubmit.clear();
+        // Requests of this run still in flight (a region handed over while
+        // the ring runs, which the spec allows): they are kept, completed
+        // and returned as usual, never forgotten or taken again.
+        let live: Vec<u16> = (0..self.taken.len())
+            .filter(|&h| self.taken[h])
+            .map(|h| h as u16)
+            .collect();
+        if live.is_empty() {
+            self.taken.clear();
+            self.resubmit.clear();
+        }
         let Some(inflight) = &self.inflight else {
             return;
         };
@@ -519,6 +528,15 @@ impl QueueWorker {
                 return;
             }
         };
+        if !live.is_empty() {
+            self.counter = inflight.adopt(ring_used.0, &live);
+            tracing::info!(
+                queue = self.index,
+                requests = live.len(),
+                "in-flight region handed over while requests run: they are recorded in it"
+            );
+            return;
+        }
         let rec = match inflight.recover(ring_used.0) {
             Ok(rec) => rec,
             Err(e) => {

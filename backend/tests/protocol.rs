@@ -524,6 +524,52 @@ fn a_head_published_twice_is_taken_once_across_a_restart() {
     assert_eq!(mem.read(0x40000, 4096), pattern(2, 4096));
 }
 
+/// SET_INFLIGHT_FD while a write is in flight (the spec does not forbid
+/// that order): the write still completes and is returned once.
+#[test]
+fn an_inflight_region_handed_over_mid_stream_keeps_the_requests_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, d) = slow_writes(dir.path(), 15);
+    let mem = Memory::new();
+    let mut dev = Device::connect(&d.socket, 0);
+    dev.start(&mem, 0);
+    mem.write(0x20000, &pattern(1, 4096));
+    mem.write(0x30000, &pattern(2, 4096));
+    mem.request(0, T_OUT, 0, 0x20000, 4096);
+    mem.request(3, T_OUT, 8, 0x30000, 4096);
+    mem.publish(0);
+    mem.publish(3);
+    dev.kick();
+    mem.wait_used(1, "the first write", &d);
+    // The second waits behind the throttle; the region arrives now.
+    let (inflight, region) = dev
+        .fe
+        .get_inflight_fd(&VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: QUEUE_SIZE,
+        })
+        .unwrap();
+    dev.fe
+        .set_inflight_fd(&inflight, region.as_raw_fd())
+        .unwrap();
+    dev.kick();
+    mem.wait_used(2, "the write in flight when the region came", &d);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(mem.used_heads(), [0, 3], "{}", d.log_text());
+    assert_eq!(
+        &std::fs::read(&img).unwrap()[4096..8192],
+        &pattern(2, 4096)[..]
+    );
+    // The queue goes on, tracked.
+    mem.request(6, T_IN, 8, 0x40000, 4096);
+    mem.publish(6);
+    dev.kick();
+    mem.wait_used(3, "a read after", &d);
+    assert_eq!(mem.read(0x40000, 4096), pattern(2, 4096));
+}
+
 /// A frontend that disconnects with writes still delayed by a filter: they
 /// complete before vmcrypt lets go of the memory they point into, and the
 /// next frontend finds them on disk.
