@@ -125,6 +125,11 @@ pub enum RbdError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "Ceph: {spec}: no answer from the OSDs within {secs} s (are they up? `ceph osd stat`; \
+         --ceph-deadline sets half this wait)"
+    )]
+    NoOsd { spec: String, secs: u64 },
     #[error("Ceph: pool '{pool}' does not exist")]
     NoPool { pool: String },
     #[error("Ceph: image {spec} does not exist")]
@@ -325,7 +330,40 @@ impl RbdImage {
         Self::open_or_create(spec, ceph, false, Some(size))
     }
 
+    /// Opens (or creates) the image on a thread of its own, waited for at
+    /// most twice `ceph.deadline`: the monitors' part has a timeout of its
+    /// own, but with the OSDs down `rbd_open` and `rbd_create` wait for
+    /// them without end (librados sets no OSD timeout, so that guest I/O
+    /// waits out an outage rather than failing). The thread left waiting
+    /// goes when the process ends, which a failed start does.
     fn open_or_create(
+        spec: &RbdSpec,
+        ceph: &CephOptions,
+        read_only: bool,
+        create: Option<u64>,
+    ) -> Result<Self, RbdError> {
+        let secs = ceph.deadline.as_secs().max(1) * 2;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (s, c) = (spec.clone(), ceph.clone());
+        std::thread::Builder::new()
+            .name("rbd-open".into())
+            .spawn(move || {
+                let _ = tx.send(Self::open_or_create_now(&s, &c, read_only, create));
+            })
+            .map_err(|source| RbdError::Call {
+                what: format!("opening {spec}: starting a thread"),
+                source,
+            })?;
+        match rx.recv_timeout(Duration::from_secs(secs)) {
+            Ok(r) => r,
+            Err(_) => Err(RbdError::NoOsd {
+                spec: spec.to_string(),
+                secs,
+            }),
+        }
+    }
+
+    fn open_or_create_now(
         spec: &RbdSpec,
         ceph: &CephOptions,
         read_only: bool,

@@ -573,7 +573,32 @@ fn signal_loop(set: libc::sigset_t, shared: &Shared) {
 
 /// SIGINT/SIGTERM: stop accepting, complete what is in flight, flush, exit 0.
 fn shutdown(shared: &Shared, sig: libc::c_int) -> ! {
-    tracing::info!(signal = sig, "shutting down: completing requests in flight");
+    tracing::info!(
+        signal = sig,
+        "shutting down: completing requests in flight (a second signal ends the daemon at once)"
+    );
+    // Storage that never completes (an RBD cluster whose OSDs are down)
+    // would hold the shutdown for good: a second SIGINT or SIGTERM ends the
+    // process at once. The kernel keeps what io_uring still writes until it
+    // is done; writes not completed were never acknowledged to the guest.
+    let spawned = std::thread::Builder::new()
+        .name("signals-again".into())
+        .spawn(|| {
+            if let Ok(set) = block_signals() {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` is an initialised sigset and `sig` a valid out pointer.
+                while unsafe { libc::sigwait(&set, &mut sig) } != 0 || sig == libc::SIGUSR1 {}
+                tracing::error!(
+                    signal = sig,
+                    "second signal: exiting without waiting for storage"
+                );
+                // SAFETY: ends the process; nothing of this thread runs after.
+                unsafe { libc::_exit(1) };
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no thread for a second signal: {e}");
+    }
     crate::notify::notify("STOPPING=1");
     for file in shared.socket.iter().chain(&shared.control) {
         file.remove();

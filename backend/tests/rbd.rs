@@ -347,7 +347,7 @@ fn sigterm_completes_writes_in_flight() {
         }
     }
     assert_eq!(ok, N, "writes in flight at SIGTERM failed");
-    let status = d.terminate();
+    let status = d.wait_exit();
     assert!(status.success(), "{status}");
     drop(f);
     let d = ceph.serve(dir.path(), "second", &spec, &[]);
@@ -974,4 +974,69 @@ fn clone_of_rbd_images_is_refused_and_rbd_clone_then_rekey_works() {
     };
     assert!(opens("parent"));
     assert!(!opens("child"), "the parent's key still opens the clone");
+}
+
+/// With the OSDs down (the monitors up): a start gives up after the
+/// deadline with the reason, instead of hanging in `rbd_open`; and a
+/// daemon whose shutdown waits for a write that never completes ends at
+/// a second SIGTERM. A cluster of its own: its OSD is stopped.
+#[test]
+fn osds_down_bound_a_start_and_a_second_sigterm_ends_a_stuck_shutdown() {
+    let ceph = Ceph::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ceph.create("osdsdown", 16 * MIB);
+    let d = ceph.serve(dir.path(), "stuck", &spec, &[]);
+    let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
+    assert_eq!(f.write(0, 0, 0, 4096), 0);
+
+    let osd: i32 = std::fs::read_to_string(ceph.dir.join("osd.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the test cluster's OSD.
+    unsafe { libc::kill(osd, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A start now: refused after twice --ceph-deadline.
+    let t = std::time::Instant::now();
+    let e = start_fails(
+        dir.path(),
+        &[
+            "--image",
+            &spec,
+            "--ceph-conf",
+            ceph.conf.to_str().unwrap(),
+            "--ceph-deadline",
+            "2",
+        ],
+    );
+    assert!(e.contains("no answer from the OSDs"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+
+    // A write that cannot complete, then SIGTERM: the daemon waits for it.
+    let p = f.ptr(0);
+    f.queues[0].write(8192, p, 4096, 0, ReqFlags::empty());
+    let mut none: [std::mem::MaybeUninit<blkio::Completion>; 0] = [];
+    let mut no_wait = Duration::ZERO;
+    f.queues[0]
+        .do_io(&mut none, 0, Some(&mut no_wait), None)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(d.child_alive(), "the shutdown did not wait for the write");
+    d.wait_for_log("a second signal ends the daemon");
+    d.signal(libc::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while d.child_alive() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a second SIGTERM did not end the daemon:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.log_text().contains("second signal"), "{}", d.log_text());
+    drop(f);
 }

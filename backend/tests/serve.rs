@@ -327,7 +327,7 @@ fn sigterm_completes_writes_in_flight_and_restart_finds_them() {
     }
     drop(f);
     let log = d.log_text();
-    let status = d.terminate();
+    let status = d.wait_exit();
     assert!(status.success(), "exit status {status}");
     assert!(log.contains("shutting down"), "{log}");
     assert_eq!(

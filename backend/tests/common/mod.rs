@@ -90,8 +90,14 @@ impl Daemon {
     }
 
     /// Sends SIGTERM and waits for the exit status.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    pub fn terminate(self) -> std::process::ExitStatus {
         self.signal(libc::SIGTERM);
+        self.wait_exit()
+    }
+
+    /// Waits up to 30 s for the exit status (after a signal sent before:
+    /// a second one would end a shutdown still under way).
+    pub fn wait_exit(mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
