@@ -11,6 +11,7 @@ bash ci/libvirt.sh
 
 echo "== format and lints"
 cargo fmt --all -- --check
+python3 ci/check-docs.py
 cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== tests"
@@ -30,3 +31,6 @@ target/release/vmcrypt-bench --quick --cache none --targets raw,luks --no-xts \
 target/release/vmcrypt-bench --quick --targets rbd,rbd-luks --no-xts --queues 1 \
   --out target/bench-quick-rbd > /dev/null
 echo "benchmark smoke run: ok"
+
+echo "== Debian package: build, lintian, install, man pages, units, completions, remove"
+bash ci/package.sh --check

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use vmcrypt::commands;
@@ -205,6 +205,21 @@ enum Command {
     #[command(subcommand)]
     Kms(KmsCommand),
 
+    /// Print a shell completion script (bash, zsh, fish, elvish or
+    /// powershell) on stdout, e.g.
+    /// `vmcrypt completions bash > /etc/bash_completion.d/vmcrypt`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+
+    /// Write the man pages (vmcrypt.1 and one per subcommand) into DIR.
+    #[command(hide = true)]
+    Manpages {
+        /// The folder to write them into.
+        dir: PathBuf,
+    },
+
     /// Show what an image is (format, cipher, UUID, capacity, key slots, key id); never a secret.
     Info {
         /// An image file, or rbd:POOL/IMAGE.
@@ -338,10 +353,80 @@ fn no_core_dumps() {
     }
 }
 
+/// `--version`: the release, the commit it was built from, and the XTS
+/// engine this CPU gets.
+fn version() -> String {
+    format!(
+        "{} (commit {}; XTS engine on this CPU: {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("VMCRYPT_GIT_COMMIT"),
+        vmcrypt_crypto::xts::engine_for_this_cpu()
+    )
+}
+
+/// The command line as clap sees it, for parsing, man pages and completions.
+fn command_line() -> clap::Command {
+    Cli::command().version(version())
+}
+
+/// Writes `vmcrypt.1` and one page per (visible) subcommand into `dir`.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let cmd = command_line();
+    let date = "2026-12";
+    let write = |name: String, cmd: clap::Command| -> std::io::Result<()> {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .title(name.to_uppercase())
+            .section("1")
+            .date(date)
+            .source(format!("vmcrypt {}", env!("CARGO_PKG_VERSION")))
+            .manual("vmcrypt manual")
+            .render(&mut out)?;
+        std::fs::write(dir.join(format!("{name}.1")), out)
+    };
+    write("vmcrypt".into(), cmd.clone())?;
+    for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("vmcrypt-{}", sub.get_name());
+        let sub = sub.clone().name(name.clone());
+        write(name.clone(), sub.clone())?;
+        for subsub in sub.get_subcommands().filter(|c| !c.is_hide_set()) {
+            let n = format!("{name}-{}", subsub.get_name());
+            write(n.clone(), subsub.clone().name(n))?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     no_core_dumps();
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&command_line().get_matches()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     match cli.command {
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command_line(), "vmcrypt", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vmcrypt: error: writing the completion script: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Manpages { dir } => match write_man_pages(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "vmcrypt: error: writing man pages into {}: {e}",
+                    dir.display()
+                );
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve(opts) => {
             let opts = match (*opts).merged() {
                 Ok(o) => o,

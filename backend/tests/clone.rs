@@ -16,7 +16,7 @@ const OFFSETS: [u64; 4] = [0, 5 * MIB + 4096, 33 * MIB, 64 * MIB - 8192];
 const LEN: usize = 8192;
 
 fn vmcrypt(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
+    Command::new(bin()).args(args).output().unwrap()
 }
 
 fn ok(out: Output) -> String {

@@ -190,14 +190,14 @@ fn status_tells_what_is_served_and_never_a_key() {
     assert_eq!(rpc.result("status", json!({}))["frontend_connected"], true);
 
     // The ctl client prints it readably, and the raw result with --json.
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["ctl", "--control", control.to_str().unwrap(), "status"])
         .output()
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("format: raw"), "{text}");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args([
             "ctl",
             "--json",
@@ -307,7 +307,7 @@ fn set_throttle_changes_the_limit_live() {
         "{iops:.0} IOPS with a limit of {limit} (unthrottled: {free:.0})"
     );
     // Through the ctl client, with a size suffix, then removed.
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args([
             "ctl",
             "--control",
@@ -335,7 +335,7 @@ fn set_throttle_changes_the_limit_live() {
 }
 
 fn vmcrypt(args: &[&str]) -> std::process::Output {
-    let out = Command::new(BIN).args(args).output().unwrap();
+    let out = Command::new(bin()).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "vmcrypt {args:?}: {}",
@@ -678,7 +678,7 @@ fn metrics_over_http_and_top_show_live_io() {
     drop(std::net::TcpStream::connect(&addr).unwrap());
 
     // top, twice half a second apart, while reads run.
-    let top = Command::new(BIN)
+    let top = Command::new(bin())
         .args(["top", "--control", control.to_str().unwrap()])
         .args(["--interval", "0.5", "--count", "2"])
         .stdout(std::process::Stdio::piped())
@@ -708,7 +708,7 @@ fn mode_of(p: &Path) -> u32 {
 /// `vmcrypt ctl ... status` run as `uid` (and its group): (success, output).
 fn ctl_as(uid: u32, control: &Path) -> (bool, String) {
     use std::os::unix::process::CommandExt;
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["ctl", "--control", control.to_str().unwrap(), "status"])
         .uid(uid)
         .gid(uid)

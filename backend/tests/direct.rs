@@ -87,7 +87,7 @@ fn direct_io_serves_aligned_and_unaligned_buffers_without_the_page_cache() {
 fn a_bad_cache_mode_is_refused_naming_the_modes() {
     let dir = tempfile::tempdir().unwrap();
     let img = sparse_image(dir.path(), 16 * MIB);
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args(["serve", "--cache", "bogus", "--image"])
         .arg(&img)
         .arg("--socket")

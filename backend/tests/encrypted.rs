@@ -65,7 +65,7 @@ impl Setup {
 }
 
 fn vmcrypt(args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).output().unwrap()
+    Command::new(bin()).args(args).output().unwrap()
 }
 
 fn qemu_io(img: &Path, pass: &Path, cmd: &str) -> (bool, String) {
@@ -426,7 +426,7 @@ fn sha(path: &Path) -> Vec<u8> {
 }
 
 fn serve_fails(dir: &Path, args: &[&str], want: &str) {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("serve")
         .arg("--socket")
         .arg(dir.join("x.sock"))

@@ -19,7 +19,7 @@ use vmcrypt_kms::{Kek, KeyProvider, KeyState, KmipProvider};
 const MIB: u64 = 1 << 20;
 
 fn vmcrypt(args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).output().unwrap()
+    Command::new(bin()).args(args).output().unwrap()
 }
 
 fn create(dir: &Path, conf: &Path) -> PathBuf {
@@ -75,7 +75,7 @@ fn ops(server: &KmsServer) -> (usize, Vec<String>) {
 
 fn serve_fails(dir: &Path, args: &[&str]) -> (String, Duration) {
     let start = Instant::now();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("serve")
         .arg("--socket")
         .arg(dir.join("fail.sock"))

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pattern, sparse_image, Frontend, BIN};
+use common::{bin, pattern, sparse_image, Frontend};
 
 const MIB: u64 = 1 << 20;
 
@@ -94,7 +94,7 @@ fn a_socket_handed_in_as_an_fd_is_served_and_left_in_place() {
     let sock = dir.path().join("handed.sock");
     let listener = UnixListener::bind(&sock).unwrap();
     let log = dir.path().join("fd.log");
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(["serve", "--num-queues", "1", "--socket-fd", "7", "--image"])
         .arg(&img);
     let mut child = spawn_with_fds(cmd, &[(listener.as_raw_fd(), 7)], &log);
@@ -121,7 +121,7 @@ fn systemd_socket_activation_picks_the_named_socket() {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(r#"LISTEN_PID=$$ exec "$0" serve --num-queues 1 --image "$1""#)
-        .arg(BIN)
+        .arg(bin())
         .arg(&img)
         .env("LISTEN_FDS", "2")
         .env("LISTEN_FDNAMES", "control:vhost-user");
@@ -188,7 +188,7 @@ fn what_is_not_a_listening_unix_socket_is_refused_in_one_line() {
         let log = dir.path().join("err.log");
         let script = format!(r#"{} exec "$0" serve --image "$1" {}"#, case.env, case.args);
         let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(script).arg(BIN).arg(&img);
+        cmd.arg("-c").arg(script).arg(bin()).arg(&img);
         let mut child = spawn_with_fds(cmd, &case.fds, &log);
         let status = child.wait().unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
@@ -227,7 +227,7 @@ fn ready_and_stopping_are_sent_to_notify_socket() {
             .unwrap();
         let socket = dir.path().join("s.sock");
         let log = dir.path().join("notify.log");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(["serve", "--image", img.to_str().unwrap(), "--socket"])
             .arg(&socket)
             .env("NOTIFY_SOCKET", &addr_env);

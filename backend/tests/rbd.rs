@@ -107,7 +107,7 @@ impl Ceph {
     /// `vmcrypt create rbd:rbd/NAME --size SIZE`, its KEK in the local key
     /// store `dir/keys`; what it printed.
     fn create_encrypted(&self, dir: &Path, name: &str, size: &str) -> String {
-        ok(Command::new(BIN)
+        ok(Command::new(bin())
             .args([
                 "create",
                 &format!("rbd:rbd/{name}"),
@@ -126,7 +126,7 @@ impl Ceph {
     /// export-passphrase`), in `dir/NAME.pass`.
     fn export_passphrase(&self, dir: &Path, name: &str) -> PathBuf {
         let pass = dir.join(format!("{name}.pass"));
-        ok(Command::new(BIN)
+        ok(Command::new(bin())
             .args(["export-passphrase", &format!("rbd:rbd/{name}"), "--output"])
             .arg(&pass)
             .arg("--ceph-conf")
@@ -363,7 +363,7 @@ fn sigterm_completes_writes_in_flight() {
 }
 
 fn start_fails(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("serve")
         .arg("--socket")
         .arg(dir.join("fail.sock"))
@@ -743,7 +743,7 @@ fn info_and_rekey_of_an_encrypted_rbd_image() {
     let keys = dir.path().join("keys");
     let conf = ceph.conf.to_str().unwrap();
     let vmcrypt = |args: &[&str]| {
-        ok(Command::new(BIN)
+        ok(Command::new(bin())
             .args(args)
             .args(["--keystore", keys.to_str().unwrap(), "--ceph-conf", conf])
             .output()
@@ -759,7 +759,7 @@ fn info_and_rekey_of_an_encrypted_rbd_image() {
             .unwrap()
             .to_string()
     };
-    let before = ok(Command::new(BIN)
+    let before = ok(Command::new(bin())
         .args(["info", "rbd:rbd/rk", "--ceph-conf", conf])
         .output()
         .unwrap());
@@ -769,7 +769,7 @@ fn info_and_rekey_of_an_encrypted_rbd_image() {
 
     let out = vmcrypt(&["rekey", "rbd:rbd/rk"]);
     assert!(out.contains("rekeyed rbd:rbd/rk"), "{out}");
-    let after = ok(Command::new(BIN)
+    let after = ok(Command::new(bin())
         .args(["info", "rbd:rbd/rk", "--ceph-conf", conf])
         .output()
         .unwrap());
@@ -922,7 +922,7 @@ fn clone_of_rbd_images_is_refused_and_rbd_clone_then_rekey_works() {
     let keys = dir.path().join("keys");
     let conf = ceph.conf.to_str().unwrap();
     let vmcrypt = |args: &[&str]| {
-        Command::new(BIN)
+        Command::new(bin())
             .args(args)
             .args(["--keystore", keys.to_str().unwrap(), "--ceph-conf", conf])
             .output()
@@ -940,7 +940,7 @@ fn clone_of_rbd_images_is_refused_and_rbd_clone_then_rekey_works() {
     ok(ceph.rbd(&["snap", "create", "rbd/parent@gold"]));
     ok(ceph.rbd(&["snap", "protect", "rbd/parent@gold"]));
 
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args([
             "clone",
             "rbd:rbd/parent@gold",

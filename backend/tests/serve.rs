@@ -410,7 +410,7 @@ fn socket_is_private_and_stale_sockets_are_replaced() {
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     // A second daemon on the same live socket is refused.
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["serve", "--image", "null:1M", "--socket"])
         .arg(&d.socket)
         .output()
@@ -507,7 +507,11 @@ fn start_up_errors_are_one_line_and_non_zero() {
         ),
     ];
     for (args, want) in cases {
-        let out = Command::new(BIN).arg("serve").args(&args).output().unwrap();
+        let out = Command::new(bin())
+            .arg("serve")
+            .args(&args)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(err.contains(want), "{args:?}: {err}");

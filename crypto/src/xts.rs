@@ -124,6 +124,15 @@ pub struct Xts {
     engine: Engine,
 }
 
+/// The engine [`Xts::new`] picks on this CPU: "vaes-avx512" or "aws-lc".
+pub fn engine_for_this_cpu() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if vaes::available() && std::env::var("VMCRYPT_XTS").map_or(true, |v| v != "aws-lc") {
+        return "vaes-avx512";
+    }
+    "aws-lc"
+}
+
 impl Xts {
     /// The fastest engine this CPU runs: VAES/AVX-512 where available, else
     /// aws-lc. `VMCRYPT_XTS=aws-lc` forces the latter.

@@ -12,7 +12,12 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use serde_json::{json, Value};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_vmcrypt");
+/// The `vmcrypt` under test: the one built beside the tests, or the one
+/// `VMCRYPT_BIN` names (ci/package.sh runs the protocol tests against the
+/// installed package's `/usr/bin/vmcrypt`).
+pub fn bin() -> String {
+    std::env::var("VMCRYPT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_vmcrypt").to_string())
+}
 
 /// A running `vmcrypt serve`, killed when dropped.
 pub struct Daemon {
@@ -26,7 +31,7 @@ impl Daemon {
     pub fn start(dir: &Path, name: &str, args: &[&str]) -> Daemon {
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
