@@ -11,4 +11,4 @@ VMCRYPT_BIN="$PWD/target/release/vmcrypt" \
   cargo test --release -p guest-tests --test guest -- --nocapture --exact encrypted_disk_boots_and_fio_verify_passes
 echo
 echo "vmcrypt served an encrypted disk to a QEMU guest; fio verified every block it wrote."
-echo "Next: README.md (serving your own image, libvirt, KMIP), target/release/vmcrypt --help"
+echo "Next: README.md and docs/ (serving your own image, libvirt, KMIP), target/release/vmcrypt --help"

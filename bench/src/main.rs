@@ -64,7 +64,7 @@ struct Args {
     cache: String,
     /// Ask each vmcrypt for `query-stats` on its control socket every this
     /// many milliseconds while it is measured, as monitoring would (the
-    /// README's figure uses 100).
+    /// figure in docs/benchmarks.md uses 100).
     #[arg(long, value_name = "MS")]
     poll_stats_ms: Option<u64>,
     /// The vmcrypt binary [default: the one built beside this benchmark].

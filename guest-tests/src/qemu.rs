@@ -4,7 +4,7 @@
 //! as operators of this release run it. Live migration is the exception.
 //! Under TCG, QEMU 7.2 breaks about one guest in five across a migration on
 //! these machines, with its own virtio-blk and no vmcrypt at all (the control
-//! test in `tests/lifecycle.rs`); QEMU 10.0 broke none (README, Restarts,
+//! test in `tests/lifecycle.rs`); QEMU 10.0 broke none (docs/lifecycle.md, Restarts,
 //! crashes and live migration). So the migration tests run on QEMU 10.0 from
 //! bookworm-backports, the QEMU of Debian 13. It is fetched once with apt,
 //! which checks the archive's signatures against the host's Debian keyring,

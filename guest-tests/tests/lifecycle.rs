@@ -525,7 +525,7 @@ exit $rc
 /// model), `PRIVATE_RAM=1` (no shared memfd). On QEMU 7.2 the guest's kernel
 /// broke after the switchover in 2 of 10 runs as the tests run QEMU, 1 of 4
 /// with one TCG thread, 1 of 10 with qemu64; on QEMU 10.0 in none of 13
-/// (README, Restarts, crashes and live migration).
+/// (docs/lifecycle.md, Restarts, crashes and live migration).
 #[test]
 #[ignore = "diagnostic: QEMU's own virtio-blk across the same migration"]
 fn migration_control_with_qemus_own_virtio_blk() {
