@@ -6,8 +6,13 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=VMCRYPT_GIT_COMMIT");
-    println!("cargo:rerun-if-changed=../.git/HEAD");
-    println!("cargo:rerun-if-changed=../.git/refs/heads");
+    // Only paths that exist: a missing one would make cargo rerun this on
+    // every build (a source tarball, a git worktree whose .git is a file).
+    for path in ["../.git/HEAD", "../.git/refs/heads", "../.git/packed-refs"] {
+        if std::path::Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
     let commit = std::env::var("VMCRYPT_GIT_COMMIT")
         .ok()
         .filter(|c| !c.is_empty())

@@ -15,17 +15,18 @@ cd "$(dirname "$0")/.."
 
 command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked --version 3.8.0
 need=()
-for cmd in lintian dpkg-shlibdeps man; do
+for cmd in lintian dpkg-shlibdeps man systemd-analyze; do
   command -v "$cmd" >/dev/null 2>&1 || need+=("$cmd")
 done
 [ -f /usr/share/bash-completion/bash_completion ] || need+=(bash-completion)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q --no-install-recommends lintian dpkg-dev man-db bash-completion
+  apt-get install -y -q --no-install-recommends lintian dpkg-dev man-db bash-completion systemd
 fi
 
-cargo build --release -p vmcrypt
+VMCRYPT_GIT_COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown) \
+  cargo build --release -p vmcrypt
 bin=target/release/vmcrypt
 rm -rf target/assets
 mkdir -p target/assets/man target/assets/completions
@@ -34,8 +35,7 @@ gzip -9n target/assets/man/*.1
 "$bin" completions bash > target/assets/completions/vmcrypt.bash
 "$bin" completions zsh > target/assets/completions/_vmcrypt
 "$bin" completions fish > target/assets/completions/vmcrypt.fish
-VMCRYPT_GIT_COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown) \
-  cargo deb -p vmcrypt --no-build --strip
+cargo deb -p vmcrypt --no-build --strip
 deb=$(ls -t target/debian/vmcrypt_*.deb | head -1)
 echo "package: $deb"
 
@@ -46,7 +46,13 @@ echo "== lintian"
 lintian --fail-on error "$deb"
 
 echo "== dpkg -i"
+if dpkg -s vmcrypt >/dev/null 2>&1; then
+  echo "vmcrypt is installed already (a check that failed before?): purging it first"
+  dpkg --purge vmcrypt
+fi
 dpkg -i "$deb"
+# Whatever fails below, the machine is left as it was.
+trap 'dpkg --purge vmcrypt >/dev/null 2>&1 || true' EXIT
 /usr/bin/vmcrypt --version
 /usr/bin/vmcrypt --version | grep -q "XTS engine"
 

@@ -450,13 +450,13 @@ impl Partial {
 }
 
 /// `rename` that fails with EEXIST instead of replacing `to`.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+fn rename_noreplace(from_path: &Path, to_path: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
     };
-    let (from, to) = (c(from)?, c(to)?);
+    let (from, to) = (c(from_path)?, c(to_path)?);
     // SAFETY: NUL-terminated paths relative to the working directory.
     let rc = unsafe {
         libc::renameat2(
@@ -468,9 +468,17 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
         )
     };
     if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // A file system without RENAME_NOREPLACE (NFS): a hard link is
+        // no-replace too, then the old name goes.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            std::fs::hard_link(from_path, to_path)?;
+            std::fs::remove_file(from_path)
+        }
+        _ => Err(e),
     }
 }
 

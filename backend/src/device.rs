@@ -59,7 +59,7 @@ struct Inner {
     workers: Vec<Mutex<QueueWorker>>,
     /// Per queue: the frontend has started it (a kick arrived) and not
     /// stopped it since.
-    running: Vec<AtomicBool>,
+    running: Vec<Arc<AtomicBool>>,
     handover: Arc<Handover>,
     /// The backend request channel, if the frontend set one up: how the
     /// frontend learns that the config space changed (a resize).
@@ -97,9 +97,11 @@ impl BlockDevice {
         let mut workers = Vec::with_capacity(settings.num_queues);
         // Each connection starts with the write cache on (writeback).
         settings.disk.write_cache.set(true);
+        let mut running = Vec::with_capacity(settings.num_queues);
         for q in 0..settings.num_queues {
             let storage = QueueStorage::new(
                 image,
+                q,
                 u32::from(settings.queue_size),
                 settings.disk.metrics.queues[q].clone(),
             )?;
@@ -113,13 +115,12 @@ impl BlockDevice {
                 handover.clone(),
             )
             .map_err(StorageError::Uring)?;
+            running.push(worker.running_flag());
             workers.push(Mutex::new(worker));
         }
         Ok(BlockDevice(Arc::new(Inner {
             config: config_space(&settings),
-            running: (0..settings.num_queues)
-                .map(|_| AtomicBool::new(false))
-                .collect(),
+            running,
             settings,
             workers,
             handover,

@@ -372,7 +372,8 @@ fn command_line() -> clap::Command {
 /// Writes `vmcrypt.1` and one page per (visible) subcommand into `dir`.
 fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let cmd = command_line();
+    // The release alone: the pages must not depend on the build machine.
+    let cmd = Cli::command().version(env!("CARGO_PKG_VERSION"));
     let date = "2026-12";
     let write = |name: String, cmd: clap::Command| -> std::io::Result<()> {
         let mut out = Vec::new();

@@ -11,13 +11,14 @@
 //! run time and copes without it).
 //!
 //! Two kinds of threads get different rights over files. The control
-//! socket's threads may create *new* files (`O_CREAT|O_EXCL`: a snapshot
-//! and its key descriptor), never open an existing one. Every other thread
-//! (the vhost-user protocol, the queues that handle guest requests, the
-//! signal thread) can neither open nor create nor remove files: after
-//! `install`, the control thread is started, then `confine_this_thread`
-//! stacks a stricter filter on the main thread, which all later threads
-//! inherit. `--seccomp log`
+//! socket's threads may create *new* files (`O_CREAT|O_EXCL`, relative to
+//! the snapshot folder: a snapshot and its key descriptor) and remove them
+//! again, and the signal thread may remove the socket files at shutdown;
+//! neither may open an existing file. Every other thread (the vhost-user
+//! protocol, the queues that handle guest requests) can neither open nor
+//! create nor remove files: after `install`, the control and signal
+//! threads are started, then `confine_this_thread` stacks a stricter
+//! filter on the main thread, which all later threads inherit. `--seccomp log`
 //! lets such calls through and leaves a record in the kernel's audit log;
 //! `--seccomp off` installs nothing.
 //!
@@ -70,15 +71,20 @@ pub enum SeccompError {
 /// process killed by the signal.
 pub const BLOCKED_EXIT: i32 = 128 + libc::SIGSYS;
 
-/// The folders a running daemon may still change, by descriptor (opened
-/// before the filter is installed). Everything is done with `openat` and
-/// `unlinkat` relative to them; a path anywhere else is refused.
+/// The folders the control and signal threads use, by descriptor (opened
+/// before the filter is installed): they create and remove names with
+/// `openat` and `unlinkat` relative to them, and the filter refuses those
+/// calls on any other descriptor, and `open`/`unlink` by path. That
+/// catches a relative name used by mistake; it is no confinement of
+/// paths (an absolute name ignores the descriptor, and seccomp cannot
+/// read it): keeping snapshots in their folder is the control code's own
+/// check (one file name, `openat` on the held folder).
 #[derive(Clone, Debug, Default)]
 pub struct FileRights {
-    /// Where the control threads may create new files (snapshots).
+    /// Where the control threads create new files (snapshots).
     pub create_in: Option<RawFd>,
-    /// Where any thread may remove a name (the sockets vmcrypt bound, at
-    /// shutdown).
+    /// Where the signal thread removes names (the sockets vmcrypt bound,
+    /// at shutdown).
     pub remove_in: Vec<RawFd>,
 }
 
@@ -114,11 +120,10 @@ pub fn install(mode: SeccompMode, network: bool, rights: &FileRights) -> Result<
 }
 
 /// Takes from this thread, and every thread it starts from now on, the
-/// right to create files, and to remove them anywhere but in
-/// `rights.remove_in`.
-pub fn confine_this_thread(mode: SeccompMode, rights: &FileRights) -> Result<(), SeccompError> {
+/// right to create or remove files.
+pub fn confine_this_thread(mode: SeccompMode) -> Result<(), SeccompError> {
     if mode == SeccompMode::On {
-        seccompiler::apply_filter(&no_open_program(&rights.remove_in)?)?;
+        seccompiler::apply_filter(&no_open_program()?)?;
     }
     Ok(())
 }
@@ -136,13 +141,13 @@ pub fn program_for(mismatch: SeccompAction, network: bool) -> Result<BpfProgram,
 /// Opening files fails with EACCES instead of ending the daemon: the C
 /// library opens `/proc/sys/vm/overcommit_memory` the first time a thread's
 /// heap shrinks, and does without it when that fails. Removing a file
-/// fails the same way, but for `unlinkat` in one of the folders `remove_in`.
-pub fn no_open_program(remove_in: &[RawFd]) -> Result<BpfProgram, SeccompError> {
+/// fails the same way.
+pub fn no_open_program() -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         open_syscalls().into_iter().map(|nr| (nr, vec![])).collect();
     #[cfg(target_arch = "x86_64")]
     rules.insert(libc::SYS_unlink, vec![]);
-    rules.insert(libc::SYS_unlinkat, outside(0, remove_in));
+    rules.insert(libc::SYS_unlinkat, vec![]);
     compile(rules, SeccompAction::Allow, eacces())
 }
 
@@ -268,8 +273,8 @@ fn allowed(network: bool) -> BTreeMap<i64, Vec<SeccompRule>> {
         libc::SYS_timerfd_create,
         libc::SYS_timerfd_settime,
         libc::SYS_timerfd_gettime,
-        // Data path: the rings, and the synchronous fall-backs.
-        libc::SYS_io_uring_setup,
+        // Data path: the rings (made before the filter: a ring made later
+        // would carry no restrictions), and the synchronous fall-backs.
         libc::SYS_io_uring_enter,
         libc::SYS_io_uring_register,
         libc::SYS_read,
@@ -520,7 +525,7 @@ mod tests {
             remove_in: vec![],
         };
         let create_only = create_only_program(&rights).unwrap();
-        let no_open = no_open_program(&rights.remove_in).unwrap();
+        let no_open = no_open_program().unwrap();
         let enosys = enosys_program().unwrap();
         // SAFETY: the child only calls async-signal-safe functions (sigaction,
         // prctl, seccomp, the syscalls in `f`, _exit) before exiting.
@@ -753,6 +758,32 @@ mod tests {
                     0,
                 );
                 i32::from(p == libc::MAP_FAILED || libc::munmap(p, 4096) != 0)
+            }
+        });
+        assert_eq!(exit_code(status), 0);
+    }
+
+    /// No new io_uring once filtered: it would carry no restrictions.
+    #[test]
+    fn no_ring_can_be_made_under_the_filter() {
+        let status = in_filtered_child(SeccompMode::On, || {
+            let mut params = [0u8; 120];
+            // SAFETY: io_uring_setup with a zeroed params buffer of its size.
+            unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr()) as i32 }
+        });
+        assert_eq!(exit_code(status), BLOCKED_EXIT);
+        // Threads are still made (the C library's clone, after clone3's ENOSYS).
+        let status = in_filtered_child(SeccompMode::On, || {
+            extern "C" fn run(_: *mut libc::c_void) -> *mut libc::c_void {
+                std::ptr::null_mut()
+            }
+            let mut t: libc::pthread_t = 0;
+            // SAFETY: a thread that returns at once, joined here.
+            unsafe {
+                if libc::pthread_create(&mut t, std::ptr::null(), run, std::ptr::null_mut()) != 0 {
+                    return 1;
+                }
+                i32::from(libc::pthread_join(t, std::ptr::null_mut()) != 0)
             }
         });
         assert_eq!(exit_code(status), 0);

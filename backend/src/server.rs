@@ -97,7 +97,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // Removed by its folder's descriptor: the daemon confined by seccomp
     // may remove names there, and nowhere else.
     let owned = match &listening.owned_path {
-        Some(path) => Some(SocketFile::new(path, "the socket's folder")?),
+        Some(path) => Some(
+            SocketFile::new(path, "the socket's folder").inspect_err(|_| {
+                let _ = std::fs::remove_file(path);
+            })?,
+        ),
         None => None,
     };
     open_and_serve(cfg, listening, owned)
@@ -345,10 +349,13 @@ fn serve_image(
     // The admin API: a mode and group of its own, never the vhost-user
     // socket's (QEMU's group is no admin).
     let control_socket = match &cfg.control {
-        Some(path) => Some((
-            listen::bind(path, cfg.control_mode, cfg.control_group.as_deref())?,
-            SocketFile::new(path, "the control socket's folder")?,
-        )),
+        Some(path) => {
+            let listener = listen::bind(path, cfg.control_mode, cfg.control_group.as_deref())?;
+            let file = SocketFile::new(path, "the control socket's folder").inspect_err(|_| {
+                let _ = std::fs::remove_file(path);
+            })?;
+            Some((listener, file))
+        }
         None => None,
     };
     let metrics_socket = match cfg.metrics_listen {
@@ -373,6 +380,13 @@ fn serve_image(
     // opens no file: narrow the syscalls it may make. The control thread
     // may still create new files (snapshots); the threads started after
     // it, which serve the guest, may not.
+    // The queues' rings, made now: once the filter is on, no ring can be
+    // made (it would not carry the restrictions).
+    image.make_rings(
+        usize::from(cfg.num_queues),
+        u32::from(cfg.queue_size),
+        &disk.metrics.queues,
+    )?;
     let rights = crate::seccomp::FileRights {
         create_in: control
             .as_ref()
@@ -399,13 +413,6 @@ fn serve_image(
         }
         _ => None,
     };
-    crate::seccomp::confine_this_thread(cfg.seccomp, &rights)?;
-    if let (Some(listener), Some(control)) = (metrics_socket, &control) {
-        let address = listener.local_addr().map_err(ServeError::Control)?;
-        crate::control::http::spawn(listener, control.clone()).map_err(ServeError::Control)?;
-        tracing::info!(%address, "metrics served over HTTP at /metrics");
-    }
-
     let handover = Arc::new(
         Handover::new(image.clone(), cfg.read_only).tracking(disk.capacity.clone(), cfg.block_size),
     );
@@ -423,6 +430,16 @@ fn serve_image(
             .name("signals".into())
             .spawn(move || signal_loop(sigset, &shared))
             .map_err(ServeError::Signals)?;
+    }
+    // The control and signal threads are started (they may create, and
+    // remove, files: snapshots, the socket files at shutdown); every
+    // thread started from here on, those that face the guest and QEMU
+    // among them, may not.
+    crate::seccomp::confine_this_thread(cfg.seccomp)?;
+    if let (Some(listener), Some(control)) = (metrics_socket, &control) {
+        let address = listener.local_addr().map_err(ServeError::Control)?;
+        crate::control::http::spawn(listener, control.clone()).map_err(ServeError::Control)?;
+        tracing::info!(%address, "metrics served over HTTP at /metrics");
     }
 
     tracing::info!(

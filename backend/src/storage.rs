@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,8 @@ pub enum Image {
         direct: Option<DirectIo>,
         /// A read-only mapping for encrypted reads from the page cache.
         view: Option<Arc<PageCacheView>>,
+        /// The queues' io_uring instances, made at start (see [`RingPool`]).
+        rings: Arc<RingPool>,
     },
     /// A Ceph RBD image, one handle shared by every queue; the disk starts
     /// `data_offset` bytes in (after a LUKS header).
@@ -96,6 +99,7 @@ impl Image {
             capacity: size,
             direct,
             view: None,
+            rings: Arc::default(),
         })
     }
 
@@ -110,6 +114,7 @@ impl Image {
             capacity,
             direct: None,
             view,
+            ..
         } = self
         else {
             return None;
@@ -443,8 +448,50 @@ pub enum IoOp<'a> {
 /// One queue's access to the image.
 pub enum QueueStorage {
     Null,
-    Uring(Box<UringQueue>),
+    Uring(Pooled),
     Rbd(Box<crate::rbd::RbdQueue>),
+}
+
+/// A queue's ring, and the pool it goes back to when dropped (if any).
+pub struct Pooled {
+    queue: Option<Box<UringQueue>>,
+    home: Option<(Arc<RingPool>, usize)>,
+}
+
+impl Pooled {
+    fn new(ring: Box<UringQueue>, home: Option<(Arc<RingPool>, usize)>) -> Self {
+        Pooled {
+            queue: Some(ring),
+            home,
+        }
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = UringQueue;
+    fn deref(&self) -> &UringQueue {
+        self.queue.as_ref().expect("a ring until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut UringQueue {
+        self.queue.as_mut().expect("a ring until dropped")
+    }
+}
+
+impl Drop for Pooled {
+    /// A pooled ring goes back to its pool. The queue's worker drains it
+    /// before it is dropped, so nothing is in flight on it.
+    fn drop(&mut self) {
+        if let (Some(ring), Some((pool, q))) = (self.queue.take(), self.home.take()) {
+            if ring.in_flight + ring.pending == 0 {
+                pool.give_back(q, ring);
+            } else {
+                tracing::error!(queue = q, "a ring with requests in flight is not reused");
+            }
+        }
+    }
 }
 
 /// The result of handing an operation to storage.
@@ -456,16 +503,128 @@ pub enum Submitted {
     Queued,
 }
 
+/// The io_uring instances of a file image's queues, made once at start,
+/// before the syscall filter: a running daemon may not create rings
+/// (`io_uring_setup` is outside its allow-list), since a ring made later
+/// would not carry the restrictions. Each connection's queue takes its
+/// ring here and gives it back, drained, when the connection ends.
+#[derive(Default)]
+pub struct RingPool {
+    /// By queue: the ring, or None while a connection's queue has it.
+    rings: std::sync::Mutex<Vec<Option<Box<UringQueue>>>>,
+    returned: std::sync::Condvar,
+    /// Whether [`Image::make_rings`] filled the pool.
+    made: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for RingPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingPool").finish_non_exhaustive()
+    }
+}
+
+/// How long a new connection's queue waits for the ring of the last one
+/// (a control method may still hold that connection's device).
+const RING_WAIT: Duration = Duration::from_secs(30);
+
+impl RingPool {
+    fn take(&self, q: usize) -> Result<Box<UringQueue>, StorageError> {
+        let deadline = Instant::now() + RING_WAIT;
+        let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(ring) = rings.get_mut(q).and_then(Option::take) {
+                return Ok(ring);
+            }
+            if q >= rings.len() {
+                return Err(StorageError::Uring(io::Error::other(format!(
+                    "no io_uring was made for queue {q} at start"
+                ))));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(StorageError::Uring(io::Error::other(format!(
+                    "queue {q}'s io_uring is still in use by the last connection"
+                ))));
+            }
+            rings = self
+                .returned
+                .wait_timeout(rings, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn give_back(&self, q: usize, mut ring: Box<UringQueue>) {
+        ring.backlog.clear();
+        let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = rings.get_mut(q) {
+            *slot = Some(ring);
+        }
+        self.returned.notify_all();
+    }
+}
+
+impl Image {
+    /// Makes the io_uring of each of `queues` queues (`depth` entries;
+    /// `metrics` by queue), to be taken by [`QueueStorage::new`]: call it
+    /// before the syscall filter is installed. Nothing for a null device
+    /// or an RBD image.
+    pub fn make_rings(
+        &self,
+        queues: usize,
+        depth: u32,
+        metrics: &[Arc<QueueMetrics>],
+    ) -> Result<(), StorageError> {
+        let Image::File {
+            file,
+            direct,
+            rings,
+            ..
+        } = self
+        else {
+            return Ok(());
+        };
+        let ring_file = self.ring_file().expect("a file image");
+        let mut made = Vec::with_capacity(queues);
+        for q in 0..queues {
+            let mut queue = UringQueue::new(ring_file, depth)?;
+            if direct.is_none() {
+                let m = metrics.get(q).cloned().unwrap_or_default();
+                queue.inline = Some(InlineWrites::new(file, m).map_err(StorageError::Dup)?);
+            }
+            made.push(Some(Box::new(queue)));
+        }
+        *rings.rings.lock().unwrap_or_else(|e| e.into_inner()) = made;
+        rings.made.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
 impl QueueStorage {
-    /// One queue's storage; `metrics` are the queue's counters.
+    /// Queue `q`'s storage; `metrics` are the queue's counters. A file
+    /// image's queue takes the ring made at start ([`Image::make_rings`]),
+    /// or makes one where none were (tools and tests, outside the filter).
     pub fn new(
         image: &Arc<Image>,
+        q: usize,
         depth: u32,
         metrics: Arc<QueueMetrics>,
     ) -> Result<Self, StorageError> {
         match &**image {
             Image::Null { .. } => Ok(QueueStorage::Null),
-            Image::File { file, direct, .. } => {
+            Image::File {
+                file,
+                direct,
+                rings,
+                ..
+            } => {
+                if rings.made.load(Ordering::Acquire) {
+                    let ring = rings.take(q)?;
+                    return Ok(QueueStorage::Uring(Pooled::new(
+                        ring,
+                        Some((rings.clone(), q)),
+                    )));
+                }
                 let inline = match direct {
                     Some(_) => None,
                     None => Some(InlineWrites::new(file, metrics).map_err(StorageError::Dup)?),
@@ -473,7 +632,7 @@ impl QueueStorage {
                 let ring_file = image.ring_file().expect("a file image");
                 let mut queue = UringQueue::new(ring_file, depth)?;
                 queue.inline = inline;
-                Ok(QueueStorage::Uring(Box::new(queue)))
+                Ok(QueueStorage::Uring(Pooled::new(Box::new(queue), None)))
             }
             Image::Rbd { rbd, .. } => Ok(QueueStorage::Rbd(Box::new(
                 crate::rbd::RbdQueue::new(rbd.clone()).map_err(StorageError::Uring)?,
@@ -513,6 +672,7 @@ impl QueueStorage {
             return;
         }
         if let QueueStorage::Uring(u) = self {
+            let u: &mut UringQueue = u;
             for (tag, res) in u.backlog.drain(..) {
                 f(tag, res);
             }
@@ -838,7 +998,7 @@ mod tests {
         let image = Image::from_file(open(&path, false).unwrap(), &path, 0, 512, Some(direct));
         let image = Arc::new(image.unwrap());
         image.lock(false, Duration::ZERO).unwrap();
-        let queue = QueueStorage::new(&image, 4, Arc::default()).unwrap();
+        let queue = QueueStorage::new(&image, 0, 4, Arc::default()).unwrap();
         // The daemon's own descriptors close; its ring still has the file.
         drop(image);
         let successor = Image::from_file(open(&path, false).unwrap(), &path, 0, 512, None).unwrap();
@@ -875,7 +1035,7 @@ mod tests {
             // every completion is reaped.
             assert_eq!(unsafe { q.push(i as u64, op) }, Submitted::Queued);
         }
-        let mut storage = QueueStorage::Uring(Box::new(q));
+        let mut storage = QueueStorage::Uring(Pooled::new(Box::new(q), None));
         let mut seen = vec![0u32; 64];
         while storage.in_flight() > 0 || storage.has_completions() {
             storage.kick(0).unwrap();

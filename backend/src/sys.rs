@@ -196,13 +196,13 @@ impl NameInDir {
     }
 }
 
-/// Opens a folder for `openat`/`unlinkat`/`fsync` (never a symlink's target
-/// in its last component).
+/// Opens a folder for `openat`/`unlinkat`/`fsync`. A symlink to a folder
+/// is followed once, here: the descriptor then pins the folder itself.
 pub fn open_dir(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(path)?;
     Ok(f.into())
 }

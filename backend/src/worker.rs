@@ -221,6 +221,10 @@ pub struct QueueWorker {
     /// The timer is to serve the ring again: the image lock was refused
     /// (it tries again), or the last stretch of work ran out of time.
     resume: bool,
+    /// Set whenever this queue takes requests with the image lock held
+    /// (by a kick, the timer, or a recovery): the device keeps the lock
+    /// while any queue runs (see `device::stop_vring`).
+    running: Arc<AtomicBool>,
     /// The queue's part of the frontend's in-flight region, if it set one up.
     inflight: Option<QueueInflight>,
     /// The in-flight region must be read before the next request is taken
@@ -287,6 +291,7 @@ impl QueueWorker {
             idle_since: None,
             handover,
             resume: false,
+            running: Arc::default(),
             inflight: None,
             recover_pending: false,
             recover_until: None,
@@ -296,6 +301,12 @@ impl QueueWorker {
             dirty_log: None,
             returned_now: Vec::new(),
         })
+    }
+
+    /// Whether this queue runs: set when it takes requests with the image
+    /// lock held, cleared by the device when the frontend stops the ring.
+    pub fn running_flag(&self) -> Arc<AtomicBool> {
+        self.running.clone()
     }
 
     /// Starts (`Some`) or stops logging the guest memory this queue writes.
@@ -432,6 +443,9 @@ impl QueueWorker {
                 self.kick_storage(&mut state, &mem)?;
                 self.notify(&mut state)?;
                 break;
+            }
+            if !self.running.load(Ordering::Relaxed) {
+                self.running.store(true, Ordering::Release);
             }
             queue
                 .disable_notification(&*mem)
@@ -746,13 +760,20 @@ impl QueueWorker {
     /// a restart left in flight once the ring runs.
     pub fn on_timer(&mut self, vring: &Vring) -> io::Result<()> {
         self.timer.consume();
-        if std::mem::take(&mut self.resume) {
-            self.service(vring)?;
+        let resumed = if std::mem::take(&mut self.resume) {
+            self.service(vring)
+        } else {
+            Ok(())
+        };
+        if resumed.is_err() {
+            // Notifications may be off: come back rather than wait for a
+            // kick that may never come.
+            let _ = self.resume_soon();
         }
         self.run_deferred(vring, false)?;
         let r = self.poll_recovery(vring);
         self.count_returned();
-        r
+        resumed.and(r)
     }
 
     /// Requests in flight before a restart are resubmitted without waiting
