@@ -628,6 +628,17 @@ fn snapshot_without_reflinks_is_refused() {
     assert_eq!(f.buf(4096, 4096), &pattern(3, 4096)[..]);
 }
 
+/// Where `--metrics-listen 127.0.0.1:0` listens, from the daemon's log.
+fn metrics_address(d: &Daemon) -> String {
+    d.wait_for_log("metrics served over HTTP");
+    let log = d.log_text();
+    log.split("address=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in the log:\n{log}"))
+        .to_string()
+}
+
 /// GET over plain HTTP (one request per connection): (status line, body).
 fn http(addr: &str, request: &str) -> (String, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -645,14 +656,7 @@ fn http(addr: &str, request: &str) -> (String, String) {
 fn metrics_over_http_and_top_show_live_io() {
     let dir = tempfile::tempdir().unwrap();
     let (d, control) = serve(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
-    d.wait_for_log("metrics served over HTTP");
-    let log = d.log_text();
-    let addr = log
-        .split("address=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in the log:\n{log}"))
-        .to_string();
+    let addr = metrics_address(&d);
     let mut f = Frontend::connect(&d.socket, 1, MIB as usize);
     for i in 0..7u64 {
         assert_eq!(f.write(0, i * 4096, 0, 4096), 0);
@@ -876,14 +880,7 @@ fn idle_clients_never_lock_the_operator_out() {
 fn a_trickling_client_does_not_hold_the_scrape_back() {
     let dir = tempfile::tempdir().unwrap();
     let (d, _control) = serve(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
-    d.wait_for_log("metrics served over HTTP");
-    let log = d.log_text();
-    let addr = log
-        .split("address=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let addr = metrics_address(&d);
     let slow = {
         let addr = addr.clone();
         std::thread::spawn(move || {

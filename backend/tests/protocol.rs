@@ -202,10 +202,34 @@ impl Device {
         }
     }
 
+    /// An in-flight region for queue 0, asked for and handed back as QEMU
+    /// does (`GET_INFLIGHT_FD`, `SET_INFLIGHT_FD`); the frontend keeps it.
+    fn use_inflight(&mut self) -> (VhostUserInflight, File) {
+        let (inflight, region) = self
+            .fe
+            .get_inflight_fd(&VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: 1,
+                queue_size: QUEUE_SIZE,
+            })
+            .unwrap();
+        self.fe
+            .set_inflight_fd(&inflight, region.as_raw_fd())
+            .unwrap();
+        (inflight, region)
+    }
+
     /// Memory table, ring addresses, base, kick and call, enable.
     fn start(&mut self, mem: &Memory, base: u16) {
         let region = mem.region(0);
         self.fe.set_mem_table(&[region]).unwrap();
+        self.start_ring(mem, base);
+    }
+
+    /// Ring addresses, base, kick and call, enable: a ring (re)started on
+    /// a memory table the backend has.
+    fn start_ring(&mut self, mem: &Memory, base: u16) {
         self.fe.set_vring_num(0, QUEUE_SIZE).unwrap();
         let va = |gpa: u64| mem.ptr as u64 + gpa;
         self.fe
@@ -237,6 +261,15 @@ fn raw_image(dir: &Path, seed: u64) -> std::path::PathBuf {
     let img = dir.join("disk.img");
     std::fs::write(&img, pattern(seed, 1 << 20)).unwrap();
     img
+}
+
+/// Two 4 KiB writes laid out at heads 0 and 3: pattern 1 to sector 0,
+/// pattern 2 to sector 8 (not published).
+fn two_writes(mem: &Memory) {
+    mem.write(0x20000, &pattern(1, 4096));
+    mem.write(0x30000, &pattern(2, 4096));
+    mem.request(0, T_OUT, 0, 0x20000, 4096);
+    mem.request(3, T_OUT, 8, 0x30000, 4096);
 }
 
 /// vmcrypt on a fresh image whose writes are throttled to 4 KiB/s: the first
@@ -373,26 +406,12 @@ fn requests_in_flight_at_a_crash_are_resubmitted_once() {
     let (img, mut d) = slow_writes(dir.path(), 12);
     let mem = Memory::new();
     let mut dev = Device::connect(&d.socket, 0);
-    let (inflight, region) = dev
-        .fe
-        .get_inflight_fd(&VhostUserInflight {
-            mmap_size: 0,
-            mmap_offset: 0,
-            num_queues: 1,
-            queue_size: QUEUE_SIZE,
-        })
-        .unwrap();
-    dev.fe
-        .set_inflight_fd(&inflight, region.as_raw_fd())
-        .unwrap();
+    let (inflight, region) = dev.use_inflight();
     dev.start(&mem, 0);
 
     // Write 1 empties the bucket; write 2 waits most of a second for it to
     // refill; the read overtakes it.
-    mem.write(0x20000, &pattern(1, 4096));
-    mem.write(0x30000, &pattern(2, 4096));
-    mem.request(0, T_OUT, 0, 0x20000, 4096);
-    mem.request(3, T_OUT, 8, 0x30000, 4096);
+    two_writes(&mem);
     mem.request(6, T_IN, 16, 0x40000, 4096);
     for h in [0, 3, 6] {
         mem.publish(h);
@@ -452,10 +471,7 @@ fn a_head_published_twice_is_taken_once() {
     let mem = Memory::new();
     let mut dev = Device::connect(&d.socket, 0);
     dev.start(&mem, 0);
-    mem.write(0x20000, &pattern(1, 4096));
-    mem.write(0x30000, &pattern(2, 4096));
-    mem.request(0, T_OUT, 0, 0x20000, 4096);
-    mem.request(3, T_OUT, 8, 0x30000, 4096);
+    two_writes(&mem);
     // Head 3 waits behind the throttle when it is published again.
     mem.publish(0);
     mem.publish(3);
@@ -488,23 +504,9 @@ fn a_head_published_twice_is_taken_once_across_a_restart() {
     let (_img, d) = slow_writes(dir.path(), 14);
     let mem = Memory::new();
     let mut dev = Device::connect(&d.socket, 0);
-    let (inflight, region) = dev
-        .fe
-        .get_inflight_fd(&VhostUserInflight {
-            mmap_size: 0,
-            mmap_offset: 0,
-            num_queues: 1,
-            queue_size: QUEUE_SIZE,
-        })
-        .unwrap();
-    dev.fe
-        .set_inflight_fd(&inflight, region.as_raw_fd())
-        .unwrap();
+    let _region = dev.use_inflight();
     dev.start(&mem, 0);
-    mem.write(0x20000, &pattern(1, 4096));
-    mem.write(0x30000, &pattern(2, 4096));
-    mem.request(0, T_OUT, 0, 0x20000, 4096);
-    mem.request(3, T_OUT, 8, 0x30000, 4096);
+    two_writes(&mem);
     mem.publish(0);
     mem.publish(3);
     mem.publish(3);
@@ -533,27 +535,13 @@ fn an_inflight_region_handed_over_mid_stream_keeps_the_requests_running() {
     let mem = Memory::new();
     let mut dev = Device::connect(&d.socket, 0);
     dev.start(&mem, 0);
-    mem.write(0x20000, &pattern(1, 4096));
-    mem.write(0x30000, &pattern(2, 4096));
-    mem.request(0, T_OUT, 0, 0x20000, 4096);
-    mem.request(3, T_OUT, 8, 0x30000, 4096);
+    two_writes(&mem);
     mem.publish(0);
     mem.publish(3);
     dev.kick();
     mem.wait_used(1, "the first write", &d);
     // The second waits behind the throttle; the region arrives now.
-    let (inflight, region) = dev
-        .fe
-        .get_inflight_fd(&VhostUserInflight {
-            mmap_size: 0,
-            mmap_offset: 0,
-            num_queues: 1,
-            queue_size: QUEUE_SIZE,
-        })
-        .unwrap();
-    dev.fe
-        .set_inflight_fd(&inflight, region.as_raw_fd())
-        .unwrap();
+    let _region = dev.use_inflight();
     dev.kick();
     mem.wait_used(2, "the write in flight when the region came", &d);
     std::thread::sleep(Duration::from_millis(300));
@@ -1052,26 +1040,7 @@ fn a_restart_while_the_image_is_locked_waits_for_the_lock() {
     // The ring starts again on the same connection (no new memory table).
     let want = VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     dev.fe.set_features(want).unwrap();
-    let va = |gpa: u64| mem.ptr as u64 + gpa;
-    dev.fe.set_vring_num(0, QUEUE_SIZE).unwrap();
-    dev.fe
-        .set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: va(DESC),
-                used_ring_addr: va(USED),
-                avail_ring_addr: va(AVAIL),
-                log_addr: None,
-            },
-        )
-        .unwrap();
-    dev.fe.set_vring_base(0, 1).unwrap();
-    dev.fe.set_vring_kick(0, &dev.kick).unwrap();
-    dev.fe.set_vring_call(0, &dev.call).unwrap();
-    dev.fe.set_vring_enable(0, true).unwrap();
+    dev.start_ring(&mem, 1);
     mem.request(3, T_IN, 8, 0x30000, 4096);
     mem.publish(3);
     dev.kick();
