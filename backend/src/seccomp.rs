@@ -670,11 +670,8 @@ mod tests {
     fn only_the_control_threads_may_create_files_and_only_in_their_folder() {
         let _lock = DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let tmp = tempfile::tempdir().unwrap();
-        let dir = crate::sys::open_dir(tmp.path()).unwrap();
-        TEST_DIR.store(
-            std::os::fd::AsRawFd::as_raw_fd(&dir),
-            std::sync::atomic::Ordering::SeqCst,
-        );
+        let dir = crate::sys::HeldDir::open(tmp.path()).unwrap();
+        TEST_DIR.store(dir.fd(), std::sync::atomic::Ordering::SeqCst);
         let outcome = (
             exit_code(in_child(SeccompMode::On, false, create_new_file)),
             exit_code(in_child(SeccompMode::On, true, create_new_file)),

@@ -97,11 +97,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     // Removed by its folder's descriptor: the daemon confined by seccomp
     // may remove names there, and nowhere else.
     let owned = match &listening.owned_path {
-        Some(path) => Some(
-            SocketFile::new(path, "the socket's folder").inspect_err(|_| {
-                let _ = std::fs::remove_file(path);
-            })?,
-        ),
+        Some(path) => Some(SocketFile::new(path, "the socket's folder")?),
         None => None,
     };
     open_and_serve(cfg, listening, owned)
@@ -351,9 +347,7 @@ fn serve_image(
     let control_socket = match &cfg.control {
         Some(path) => {
             let listener = listen::bind(path, cfg.control_mode, cfg.control_group.as_deref())?;
-            let file = SocketFile::new(path, "the control socket's folder").inspect_err(|_| {
-                let _ = std::fs::remove_file(path);
-            })?;
+            let file = SocketFile::new(path, "the control socket's folder")?;
             Some((listener, file))
         }
         None => None,
@@ -528,13 +522,19 @@ fn status_info(
 struct SocketFile(crate::sys::NameInDir);
 
 impl SocketFile {
+    /// Takes charge of the socket vmcrypt just bound at `path`; if its
+    /// folder cannot be held, the socket is removed by name and the start
+    /// fails.
     fn new(path: &Path, what: &'static str) -> Result<SocketFile, ServeError> {
         crate::sys::NameInDir::new(path)
             .map(SocketFile)
-            .map_err(|source| ServeError::Folder {
-                what,
-                path: path.parent().unwrap_or(path).into(),
-                source,
+            .map_err(|source| {
+                let _ = std::fs::remove_file(path);
+                ServeError::Folder {
+                    what,
+                    path: path.parent().unwrap_or(path).into(),
+                    source,
+                }
             })
     }
 

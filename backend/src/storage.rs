@@ -8,7 +8,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -511,10 +510,9 @@ pub enum Submitted {
 #[derive(Default)]
 pub struct RingPool {
     /// By queue: the ring, or None while a connection's queue has it.
+    /// Empty until [`Image::make_rings`] fills it.
     rings: std::sync::Mutex<Vec<Option<Box<UringQueue>>>>,
     returned: std::sync::Condvar,
-    /// Whether [`Image::make_rings`] filled the pool.
-    made: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RingPool {
@@ -528,12 +526,17 @@ impl std::fmt::Debug for RingPool {
 const RING_WAIT: Duration = Duration::from_secs(30);
 
 impl RingPool {
-    fn take(&self, q: usize) -> Result<Box<UringQueue>, StorageError> {
+    /// Queue `q`'s ring, waiting for the last connection to give it back;
+    /// None if the pool was never filled.
+    fn take(&self, q: usize) -> Result<Option<Box<UringQueue>>, StorageError> {
         let deadline = Instant::now() + RING_WAIT;
         let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
+        if rings.is_empty() {
+            return Ok(None);
+        }
         loop {
             if let Some(ring) = rings.get_mut(q).and_then(Option::take) {
-                return Ok(ring);
+                return Ok(Some(ring));
             }
             if q >= rings.len() {
                 return Err(StorageError::Uring(io::Error::other(format!(
@@ -575,28 +578,35 @@ impl Image {
         depth: u32,
         metrics: &[Arc<QueueMetrics>],
     ) -> Result<(), StorageError> {
-        let Image::File {
-            file,
-            direct,
-            rings,
-            ..
-        } = self
-        else {
+        let Image::File { rings, .. } = self else {
             return Ok(());
         };
-        let ring_file = self.ring_file().expect("a file image");
-        let mut made = Vec::with_capacity(queues);
-        for q in 0..queues {
-            let mut queue = UringQueue::new(ring_file, depth)?;
-            if direct.is_none() {
+        let made = (0..queues)
+            .map(|q| {
                 let m = metrics.get(q).cloned().unwrap_or_default();
-                queue.inline = Some(InlineWrites::new(file, m).map_err(StorageError::Dup)?);
-            }
-            made.push(Some(Box::new(queue)));
-        }
+                self.make_ring(depth, m).map(Some)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         *rings.rings.lock().unwrap_or_else(|e| e.into_inner()) = made;
-        rings.made.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// One queue's ring over the descriptor the rings use, with the
+    /// buffered writes on the queue's thread unless the image is read with
+    /// direct I/O. A file image only.
+    fn make_ring(
+        &self,
+        depth: u32,
+        metrics: Arc<QueueMetrics>,
+    ) -> Result<Box<UringQueue>, StorageError> {
+        let (Some(ring_file), Image::File { file, direct, .. }) = (self.ring_file(), self) else {
+            return Err(StorageError::Uring(io::Error::other("not an image file")));
+        };
+        let mut queue = UringQueue::new(ring_file, depth)?;
+        if direct.is_none() {
+            queue.inline = Some(InlineWrites::new(file, metrics).map_err(StorageError::Dup)?);
+        }
+        Ok(Box::new(queue))
     }
 }
 
@@ -612,28 +622,10 @@ impl QueueStorage {
     ) -> Result<Self, StorageError> {
         match &**image {
             Image::Null { .. } => Ok(QueueStorage::Null),
-            Image::File {
-                file,
-                direct,
-                rings,
-                ..
-            } => {
-                if rings.made.load(Ordering::Acquire) {
-                    let ring = rings.take(q)?;
-                    return Ok(QueueStorage::Uring(Pooled::new(
-                        ring,
-                        Some((rings.clone(), q)),
-                    )));
-                }
-                let inline = match direct {
-                    Some(_) => None,
-                    None => Some(InlineWrites::new(file, metrics).map_err(StorageError::Dup)?),
-                };
-                let ring_file = image.ring_file().expect("a file image");
-                let mut queue = UringQueue::new(ring_file, depth)?;
-                queue.inline = inline;
-                Ok(QueueStorage::Uring(Pooled::new(Box::new(queue), None)))
-            }
+            Image::File { rings, .. } => Ok(QueueStorage::Uring(match rings.take(q)? {
+                Some(ring) => Pooled::new(ring, Some((rings.clone(), q))),
+                None => Pooled::new(image.make_ring(depth, metrics)?, None),
+            })),
             Image::Rbd { rbd, .. } => Ok(QueueStorage::Rbd(Box::new(
                 crate::rbd::RbdQueue::new(rbd.clone()).map_err(StorageError::Uring)?,
             ))),

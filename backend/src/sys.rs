@@ -145,12 +145,86 @@ pub fn install_siginfo_handler(signal: libc::c_int, handler: SiginfoHandler) -> 
     Ok(())
 }
 
-/// A name in a folder held open by descriptor: removed with `unlinkat` on
-/// that descriptor, which seccomp can tell apart from a removal anywhere
-/// else (see `seccomp::FileRights`).
+/// A folder held open by descriptor, for making and removing names in it
+/// with `openat` and `unlinkat` (which seccomp can tell apart by the
+/// descriptor, see `seccomp::FileRights`). A symlink to a folder is
+/// followed once, when it is opened: the descriptor then pins the folder.
+#[derive(Debug)]
+pub struct HeldDir {
+    fd: std::os::fd::OwnedFd,
+    path: std::path::PathBuf,
+}
+
+impl HeldDir {
+    pub fn open(path: &std::path::Path) -> io::Result<HeldDir> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(path)?;
+        Ok(HeldDir {
+            fd: f.into(),
+            path: path.into(),
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// The path it was opened by, for messages.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Whether `other` names this very folder (device and inode).
+    pub fn is(&self, other: &std::path::Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: an all-zero stat is a valid value; fstat fills it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on our own open descriptor, into our buffer.
+        if unsafe { libc::fstat(self.fd(), &mut st) } != 0 {
+            return false;
+        }
+        std::fs::metadata(other).is_ok_and(|m| (m.dev(), m.ino()) == (st.st_dev, st.st_ino))
+    }
+
+    /// Creates `name` in the folder: it must not exist, and a symlink
+    /// there is not followed (`O_CREAT|O_EXCL|O_NOFOLLOW`), write-only.
+    pub fn create_new(&self, name: &std::ffi::CStr, mode: u32) -> io::Result<std::fs::File> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a valid folder descriptor and a NUL-terminated name.
+        let fd = unsafe {
+            libc::openat(
+                self.fd(),
+                name.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                mode as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new descriptor that nothing else owns.
+        Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+    }
+
+    /// Removes `name` from the folder (not what a symlink there points to).
+    pub fn remove(&self, name: &std::ffi::CStr) -> io::Result<()> {
+        // SAFETY: a valid folder descriptor and a NUL-terminated name.
+        if unsafe { libc::unlinkat(self.fd(), name.as_ptr(), 0) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+/// A name in a folder held open (see [`HeldDir`]), to be removed later
+/// whatever the process's rights over paths by then.
 #[derive(Debug)]
 pub struct NameInDir {
-    dir: std::sync::Arc<std::os::fd::OwnedFd>,
+    dir: HeldDir,
     name: std::ffi::CString,
     path: std::path::PathBuf,
 }
@@ -166,9 +240,8 @@ impl NameInDir {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => std::path::Path::new("."),
         };
-        let dir = open_dir(parent)?;
         Ok(NameInDir {
-            dir: std::sync::Arc::new(dir),
+            dir: HeldDir::open(parent)?,
             name: std::ffi::CString::new(name.as_bytes())
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in the name"))?,
             path: path.into(),
@@ -176,9 +249,8 @@ impl NameInDir {
     }
 
     /// The folder's descriptor.
-    pub fn dir_fd(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.dir.as_raw_fd()
+    pub fn dir_fd(&self) -> RawFd {
+        self.dir.fd()
     }
 
     pub fn path(&self) -> &std::path::Path {
@@ -187,22 +259,6 @@ impl NameInDir {
 
     /// Removes the name (not what a symlink there points to).
     pub fn remove(&self) -> io::Result<()> {
-        // SAFETY: a valid folder descriptor and a NUL-terminated name.
-        if unsafe { libc::unlinkat(self.dir_fd(), self.name.as_ptr(), 0) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        self.dir.remove(&self.name)
     }
-}
-
-/// Opens a folder for `openat`/`unlinkat`/`fsync`. A symlink to a folder
-/// is followed once, here: the descriptor then pins the folder itself.
-pub fn open_dir(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(path)?;
-    Ok(f.into())
 }

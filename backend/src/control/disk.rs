@@ -12,7 +12,6 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -45,25 +44,19 @@ pub struct Served {
 /// `openat`, so a snapshot can land nowhere else, whatever name a client
 /// sends and whatever the folder's path points to later.
 #[derive(Debug)]
-pub struct SnapshotDir {
-    dir: std::os::fd::OwnedFd,
-    path: PathBuf,
-}
+pub struct SnapshotDir(crate::sys::HeldDir);
 
 impl SnapshotDir {
     pub fn open(path: &Path) -> io::Result<SnapshotDir> {
-        Ok(SnapshotDir {
-            dir: crate::sys::open_dir(path)?,
-            path: path.into(),
-        })
+        crate::sys::HeldDir::open(path).map(SnapshotDir)
     }
 
     pub fn fd(&self) -> std::os::fd::RawFd {
-        self.dir.as_raw_fd()
+        self.0.fd()
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.0.path()
     }
 
     /// The file name a request names: `{"name": "NAME"}`, or
@@ -74,7 +67,7 @@ impl SnapshotDir {
         let usage = || {
             RpcError::invalid_params(format!(
                 "expected {{\"name\": \"NEW-FILE\"}} (created in {})",
-                self.path.display()
+                self.path().display()
             ))
         };
         if let Some(name) = field("name") {
@@ -93,7 +86,7 @@ impl SnapshotDir {
             RpcError::invalid_params(format!(
                 "path {}: snapshots are created in {} only (--snapshot-dir)",
                 path.display(),
-                self.path.display()
+                self.path().display()
             ))
         };
         let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
@@ -101,12 +94,10 @@ impl SnapshotDir {
         };
         let name = name.to_str().ok_or_else(outside)?;
         check_name(name)?;
-        use std::os::unix::fs::MetadataExt;
-        let here = std::fs::metadata(format!("/proc/self/fd/{}", self.fd()));
-        let there = std::fs::metadata(parent);
-        match (here, there) {
-            (Ok(a), Ok(b)) if (a.dev(), a.ino()) == (b.dev(), b.ino()) => Ok(name.into()),
-            _ => Err(outside()),
+        if self.0.is(parent) {
+            Ok(name.into())
+        } else {
+            Err(outside())
         }
     }
 }
@@ -444,28 +435,17 @@ impl<'a> Made<'a> {
         let display = self.dir.path().join(name);
         let c = std::ffi::CString::new(name)
             .map_err(|_| RpcError::invalid_params("a name holds a NUL byte"))?;
-        // SAFETY: a valid folder descriptor and a NUL-terminated name.
-        let fd = unsafe {
-            libc::openat(
-                self.dir.fd(),
-                c.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                0o600 as libc::c_uint,
-            )
-        };
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            return Err(RpcError::invalid_params(match e.kind() {
+        let file = self.dir.0.create_new(&c, 0o600).map_err(|e| {
+            RpcError::invalid_params(match e.kind() {
                 io::ErrorKind::AlreadyExists => format!(
                     "{}: already exists; a snapshot never overwrites",
                     display.display()
                 ),
                 _ => format!("cannot create {}: {e}", display.display()),
-            }));
-        }
+            })
+        })?;
         self.names.push(c);
-        // SAFETY: fd is a new descriptor that nothing else owns.
-        Ok(unsafe { File::from_raw_fd(fd) })
+        Ok(file)
     }
 
     fn keep(&mut self) {
@@ -476,8 +456,7 @@ impl<'a> Made<'a> {
 impl Drop for Made<'_> {
     fn drop(&mut self) {
         for n in &self.names {
-            // SAFETY: a valid folder descriptor and a NUL-terminated name.
-            unsafe { libc::unlinkat(self.dir.fd(), n.as_ptr(), 0) };
+            let _ = self.dir.0.remove(n);
         }
     }
 }
